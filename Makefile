@@ -1,0 +1,73 @@
+# Distill & Deploy: every command a learner, an instructor or CI needs.
+# `make lab` opens the course; `make test` runs the whole test suite. Both set up .venv first.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+KERNEL := distill-deploy
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
+
+.PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute \
+        doctor teacher data clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(PY):
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), \
+	  f"Python 3.11 is needed, found {sys.version.split()[0]}: install 3.11 or run make PYTHON=/path/to/python3.11"'
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python 3 (Distill & Deploy)" >/dev/null
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the pinned stack and the Jupyter kernel
+
+lab: $(STAMP)  ## open the course: JupyterLab on lessons/ (prints the URL when headless)
+	$(PY) -m utils.lab
+
+test: $(STAMP)  ## the whole test suite: lint, units, drift checks, every notebook
+	$(MAKE) lint
+	$(MAKE) units
+	$(MAKE) check-lessons
+	$(MAKE) check-data
+	$(MAKE) notebooks
+
+lint: $(STAMP)  ## ruff on code and notebooks
+	$(VENV)/bin/ruff check utils tests scripts solutions lessons
+
+units: $(STAMP)  ## pytest on tests/
+	$(PY) -m pytest tests -q
+
+check-lessons: $(STAMP)  ## fail when lessons/ differs from what solutions/ generates
+	$(PY) -m utils.lessons check
+
+check-data: $(STAMP)  ## fail when committed data/ differs from its generator
+	@if $(PY) -c 'import utils.data' 2>/dev/null; then $(PY) -m utils.data check; \
+	else echo "no data generator yet (utils/data.py): nothing to check"; fi
+
+notebooks: $(STAMP)  ## execute every notebook in lessons/ and solutions/ with nbval
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-cell-timeout=600 lessons solutions
+
+lessons: $(STAMP)  ## regenerate lessons/ from solutions/
+	$(PY) -m utils.lessons generate
+
+execute: $(STAMP)  ## re-execute solutions/ in place (outputs, measured run times), then lessons
+	$(PY) -m utils.lessons execute
+
+doctor: $(STAMP)  ## workshop preflight: is this machine ready? (under 20 s)
+	$(PY) -m utils.doctor
+
+clean:  ## remove caches (keeps .venv and the shipped models)
+	rm -rf .cache .pytest_cache .ruff_cache build *.egg-info

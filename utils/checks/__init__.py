@@ -1,0 +1,218 @@
+"""Exercise checks and the reference fallback (the pattern of every lesson).
+
+A lesson's exercise is a function the learner writes. Right after it the notebook calls a
+``check_*`` function (topic modules: ``utils.checks.distill``, ...) that tries the learner's
+function on known answers and invariants and prints *what* is wrong, never a bare
+traceback. Code that then uses the exercise calls :func:`use_answer`, which hands back the
+learner's function when its check passed and the reference implementation otherwise, with a
+notice, so an unanswered exercise never stops the lesson (and nbval can run ``lessons/``).
+
+Writing a check::
+
+    def check_double(fn):
+        def cases(fn):
+            expect_close(fn(2), 4, "double(2)")
+            expect(fn(-1) == -2, "double(-1) should be -2: did you take abs()?")
+        return run_check("0.1", "double", fn, cases)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Status = Literal["passed", "failed", "not_done", "error"]
+
+_MARK = {"passed": "[PASS]", "failed": "[FAIL]", "not_done": "[TODO]", "error": "[ERROR]"}
+
+# Last check outcome per exercise label and per function object, read by use_answer.
+_RESULTS: dict[str, CheckResult] = {}
+_RESULTS_BY_FUNCTION: dict[int, CheckResult] = {}
+
+
+class CheckFailed(AssertionError):
+    """Raised inside a check when the learner's answer is wrong; the message is the hint."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of one exercise check. Truthy exactly when the check passed."""
+
+    exercise: str
+    name: str
+    status: Status
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def __str__(self) -> str:
+        return f"{_MARK[self.status]} Exercise {self.exercise} ({self.name}): {self.message}"
+
+    def _ipython_display_(self) -> None:
+        # The check already printed its message; showing the object again would repeat it.
+        pass
+
+
+def expect(condition: Any, message: str) -> None:
+    """Fail the check with ``message`` (written for the learner) unless ``condition``."""
+    if not condition:
+        raise CheckFailed(message)
+
+
+def expect_close(actual: Any, expected: Any, what: str, *, atol: float = 1e-5,
+                 rtol: float = 1e-4) -> None:
+    """Fail unless ``actual`` is numerically close to ``expected`` (scalars, arrays, tensors)."""
+    import numpy as np
+
+    try:
+        a = _to_numpy(actual)
+    except Exception as exc:  # noqa: BLE001 - turned into a learner-facing message
+        raise CheckFailed(f"{what}: could not read your result as numbers ({exc})") from None
+    e = _to_numpy(expected)
+    if a.shape != e.shape:
+        raise CheckFailed(f"{what}: expected shape {tuple(e.shape)}, got {tuple(a.shape)}")
+    if not np.all(np.isfinite(a)):
+        raise CheckFailed(f"{what}: your result contains NaN or inf")
+    if not np.allclose(a, e, atol=atol, rtol=rtol):
+        diff = float(np.max(np.abs(a - e)))
+        if e.size == 1:
+            raise CheckFailed(
+                f"{what}: expected {float(e.reshape(-1)[0]):.6g}, got {float(a.reshape(-1)[0]):.6g}"
+            )
+        raise CheckFailed(f"{what}: values differ from the expected ones (max |diff| = {diff:.3g})")
+
+
+def _to_numpy(x: Any):
+    import numpy as np
+
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _learner_frame(exc: BaseException) -> str:
+    """Where in the learner's code an exception came from (last frame outside utils)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [f for f in frames if "/utils/checks" not in f.filename.replace("\\", "/")]
+    if not inside:
+        return ""
+    f = inside[-1]
+    line = f" `{f.line.strip()}`" if f.line else ""
+    return f" (at line {f.lineno}{line})"
+
+
+def run_check(exercise: str, name: str, fn: Callable[..., Any],
+              cases: Callable[[Callable[..., Any]], None], *, quiet: bool = False,
+              success: str = "all checks passed.") -> CheckResult:
+    """Run ``cases(fn)`` and turn every outcome into a message for the learner.
+
+    - ``NotImplementedError``: the exercise is not done yet (status ``not_done``);
+    - :class:`CheckFailed`: a wrong answer, with the hint the check wrote (``failed``);
+    - any other exception: the learner's code crashed; we name it and where (``error``).
+    The kernel never sees an exception from here. The result is printed unless ``quiet``.
+    """
+    if not callable(fn):
+        result = CheckResult(exercise, name, "error",
+                             f"expected a function, got {type(fn).__name__}. Pass the function "
+                             f"itself, e.g. check(...)({name}) without calling it.")
+    else:
+        try:
+            cases(fn)
+        except NotImplementedError:
+            result = CheckResult(exercise, name, "not_done",
+                                 "not done yet. Fill in the function above; the lesson carries "
+                                 "on with the reference implementation meanwhile.")
+        except CheckFailed as exc:
+            result = CheckResult(exercise, name, "failed", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a learner's bug must not kill the kernel
+            result = CheckResult(exercise, name, "error",
+                                 f"your function raised {type(exc).__name__}: {exc}"
+                                 f"{_learner_frame(exc)}")
+        else:
+            result = CheckResult(exercise, name, "passed", success)
+    _RESULTS[exercise] = result
+    _RESULTS_BY_FUNCTION[id(fn)] = result
+    if not quiet:
+        print(result, file=sys.stdout)
+    return result
+
+
+def last_result(exercise: str) -> CheckResult | None:
+    """The most recent check outcome for an exercise label, if it was checked."""
+    return _RESULTS.get(exercise)
+
+
+def use_answer(answer: Callable[..., Any], reference: Callable[..., Any], *,
+               exercise: str | None = None) -> Callable[..., Any]:
+    """The function the rest of the lesson should call.
+
+    - the learner's ``answer`` when its check passed;
+    - ``reference`` when the check said "not done", "failed" or "error", with a notice;
+    - when ``answer`` was never checked: a wrapper that calls it and switches to the
+      reference (once, with a notice) if it raises ``NotImplementedError``.
+    """
+    label = exercise or getattr(answer, "__name__", "exercise")
+    result = _RESULTS_BY_FUNCTION.get(id(answer))
+    if result is None and exercise is not None:
+        result = _RESULTS.get(exercise)
+    if result is not None:
+        if result.passed:
+            return answer
+        why = {"not_done": "is not done yet",
+               "failed": "did not pass its check",
+               "error": "raised an error in its check"}[result.status]
+        print(f"Exercise {result.exercise} ({result.name}) {why}: using the reference "
+              "implementation so the rest of the lesson runs.")
+        return reference
+
+    state = {"fallback": False}
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not state["fallback"]:
+            try:
+                return answer(*args, **kwargs)
+            except NotImplementedError:
+                state["fallback"] = True
+                print(f"Exercise {label} is not done yet: using the reference implementation "
+                      "so the rest of the lesson runs.")
+        return reference(*args, **kwargs)
+
+    wrapped.__name__ = getattr(answer, "__name__", "answer")
+    wrapped.__doc__ = getattr(answer, "__doc__", None)
+    return wrapped
+
+
+def summary(exercises: list[str] | None = None) -> str:
+    """One line per exercise checked in this session: done, failed or still open."""
+    rows = [r for k, r in sorted(_RESULTS.items(), key=lambda kv: _label_key(kv[0]))
+            if exercises is None or k in exercises]
+    if not rows:
+        return "No exercises checked yet."
+    done = sum(r.passed for r in rows)
+    lines = [f"{done} of {len(rows)} exercises pass their checks:"]
+    lines += [f"  {r}" for r in rows]
+    return "\n".join(lines)
+
+
+def _label_key(label: str) -> tuple:
+    parts = []
+    for p in label.split("."):
+        parts.append((0, int(p), "") if p.isdigit() else (1, 0, p))
+    return tuple(parts)
+
+
+def is_finite_number(x: Any) -> bool:
+    """True for a real, finite Python or NumPy/torch scalar."""
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
