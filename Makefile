@@ -7,6 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KERNEL := distill-deploy
+# Where torch comes from. Empty: pip's default (this course's machines serve the CPU wheel).
+# Elsewhere on Linux, PyPI's torch is a multi-GB CUDA build; for the CPU wheel use
+#   make lab TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -26,7 +30,7 @@ $(PY):
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python 3 (Distill & Deploy)" >/dev/null
 	@touch $(STAMP)
@@ -53,12 +57,20 @@ check-lessons: $(STAMP)  ## fail when lessons/ differs from what solutions/ gene
 	$(PY) -m utils.lessons check
 
 check-data: $(STAMP)  ## fail when committed data/ differs from its generator
-	@if $(PY) -c 'import utils.data' 2>/dev/null; then $(PY) -m utils.data check; \
-	else echo "no data generator yet (utils/data.py): nothing to check"; fi
+	$(PY) -m utils.data check
 
+data: $(STAMP)  ## regenerate the world's data in data/world/ (deterministic)
+	$(PY) -m utils.data generate
+
+teacher: $(STAMP)  ## build the shipped teacher into data/models/teacher/ (about 30 min)
+	$(PY) scripts/build_teacher.py
+
+# Results written while testing go to a temporary folder: the committed results/ come from
+# `make execute` only.
 notebooks: $(STAMP)  ## execute every notebook in lessons/ and solutions/ with nbval
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  --nbval-cell-timeout=600 lessons solutions
+	@tmp=$$(mktemp -d) && DD_RESULTS_DIR=$$tmp $(PY) -m pytest -q -p no:cacheprovider \
+	  --nbval-lax --nbval-current-env --nbval-cell-timeout=600 lessons solutions; \
+	  rc=$$?; rm -rf $$tmp; exit $$rc
 
 lessons: $(STAMP)  ## regenerate lessons/ from solutions/
 	$(PY) -m utils.lessons generate

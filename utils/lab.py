@@ -33,6 +33,9 @@ def lab_command(port: int = 8888, *, token: str | None = None, browser: bool = T
         cmd.append(f"--IdentityProvider.token={token}")
     if not browser:
         cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Containers and CI often run as root; Jupyter refuses that unless told it is on purpose.
+        cmd.append("--ServerApp.allow_root=True")
     return cmd
 
 

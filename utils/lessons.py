@@ -80,10 +80,13 @@ def _clear_code(source: str, where: str) -> tuple[str, list[Exercise]]:
                     f"{where}: the solution at line {i + 1} is not inside a function; the "
                     "lesson would stop there. Put the answer in a function body."
                 )
-            name = next((m.group(1) for k in range(i - 1, -1, -1)
-                         if (m := _DEF_RE.match(lines[k]))), None)
+            name = _enclosing_def(lines, i)
             if name is None:
-                raise LessonError(f"{where}: no `def` above the solution at line {i + 1}")
+                raise LessonError(
+                    f"{where}: the solution at line {i + 1} is not inside a function (no "
+                    "enclosing `def`); the lesson would stop there. Put the answer in a "
+                    "function body."
+                )
             if not labels:
                 raise LessonError(
                     f"{where}: name the exercise in the cell, e.g. a comment `# Exercise 1.2`"
@@ -99,6 +102,24 @@ def _clear_code(source: str, where: str) -> tuple[str, list[Exercise]]:
         out.append(line)
         i += 1
     return "\n".join(out), found
+
+
+def _enclosing_def(lines: list[str], index: int) -> str | None:
+    """Name of the innermost ``def`` whose body holds ``lines[index]``, if any."""
+    level = len(lines[index]) - len(lines[index].lstrip())
+    for k in range(index - 1, -1, -1):
+        text = lines[k]
+        stripped = text.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(text) - len(text.lstrip())
+        if indent < level:
+            if m := _DEF_RE.match(text):
+                return m.group(1)
+            level = indent  # an enclosing if/for/class/with: keep looking outwards
+            if level == 0:
+                return None
+    return None
 
 
 def _clear_markdown(source: str, where: str) -> str:
@@ -203,7 +224,8 @@ def _first_difference(expected: str, actual: str) -> str:
                                         str(a.get("source", "")).splitlines(), lineterm="", n=0)
             first = next((d for d in list(diff)[2:] if d[:1] in "+-"), "")
             hint = f" (e.g. {first[:80]!r})" if first else " (metadata or outputs)"
-            return f"cell {i} differs{hint}"
+            cell_id = f" (id {a.get('id')!r})" if a.get("id") else ""
+            return f"cell {i}{cell_id} differs{hint}"
     if len(exp.cells) != len(act.cells):
         return f"cell count {len(act.cells)} instead of {len(exp.cells)}"
     return "notebook metadata or formatting differs"

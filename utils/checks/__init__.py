@@ -31,7 +31,9 @@ _MARK = {"passed": "[PASS]", "failed": "[FAIL]", "not_done": "[TODO]", "error": 
 
 # Last check outcome per exercise label and per function object, read by use_answer.
 _RESULTS: dict[str, CheckResult] = {}
-_RESULTS_BY_FUNCTION: dict[int, CheckResult] = {}
+# Keyed by id() but holding the function too: a live reference keeps the id from being reused
+# by a new function after the learner redefines one (a stale result would then be returned).
+_RESULTS_BY_FUNCTION: dict[int, tuple[Callable[..., Any], CheckResult]] = {}
 
 
 class CheckFailed(AssertionError):
@@ -140,7 +142,7 @@ def run_check(exercise: str, name: str, fn: Callable[..., Any],
         else:
             result = CheckResult(exercise, name, "passed", success)
     _RESULTS[exercise] = result
-    _RESULTS_BY_FUNCTION[id(fn)] = result
+    _RESULTS_BY_FUNCTION[id(fn)] = (fn, result)
     if not quiet:
         print(result, file=sys.stdout)
     return result
@@ -161,7 +163,8 @@ def use_answer(answer: Callable[..., Any], reference: Callable[..., Any], *,
       reference (once, with a notice) if it raises ``NotImplementedError``.
     """
     label = exercise or getattr(answer, "__name__", "exercise")
-    result = _RESULTS_BY_FUNCTION.get(id(answer))
+    entry = _RESULTS_BY_FUNCTION.get(id(answer))
+    result = entry[1] if entry is not None and entry[0] is answer else None
     if result is None and exercise is not None:
         result = _RESULTS.get(exercise)
     if result is not None:
