@@ -1,0 +1,458 @@
+"""Black-box distillation through an API and model extraction (lesson 04).
+
+What an attacker can do with nothing but an OpenAI-compatible endpoint (``utils.serve``):
+
+- :func:`harvest`: the budgeted querying loop (stops at the budget, backs off on rate
+  limits, stops cleanly when the quota is spent), recording text and top-k logprobs.
+- Token-level KD from the harvested top-k logprobs (:func:`soft_targets_from_records`,
+  :func:`sparse_kd_loss`): the teacher's top-k probabilities plus one explicit bucket for
+  "the rest of the vocabulary", so the loss is an exact KL between coarsened distributions.
+- Sequence-level KD (Kim & Rush 2016; the DeepSeek-R1-distill recipe): the harvested
+  responses are plain SFT targets (:func:`sft_examples`, :func:`sequence_kd_batch`).
+- Fidelity: top-1 agreement, KL and total variation to the teacher, greedy exact match.
+- Carlini et al. (2024), "Stealing part of a production language model":
+  :func:`hidden_size_from_logits` reads the hidden size off the singular values of stacked
+  full logit vectors.
+
+Why the SVD works, and h versus h-1 versus h+1. A decoder ends with ``logits = W x`` where
+``x`` is the final hidden state (h numbers, after the final norm) and ``W`` the (V, h)
+lm_head (tied or untied: it is a (V, h) matrix either way). Every logit vector lies in the
+h-dimensional column space of ``W``, so n > h stacked vectors have rank h: h large singular
+values, then a cliff to round-off. The details decide which number you read:
+
+- Llama's final RMSNorm only rescales ``x`` (no centring), so the hidden states span all
+  h directions: **logits give exactly h**, tied or untied.
+- A LayerNorm without bias centres ``x`` (its entries sum to zero), which removes one
+  direction: that model gives **h-1** (the tests show it by swapping in such a norm).
+- **Logprobs** are ``logits - logsumexp(logits)``: a different constant per row, i.e. a
+  multiple of the all-ones vector is added to each row. That *adds* a direction (ones is
+  generically not in the column space of ``W``): raw logprob rows give **h+1**. Centring
+  each row (subtract its mean over the vocabulary) projects the ones direction out and
+  gives h again. :func:`hidden_size_from_logits` centres by default, so logits and
+  logprobs both give h.
+
+Defences break the cliff: top-k truncation means there is no full vector to stack,
+rounding and noise lift the "zero" singular values to the noise floor (tests show each).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------
+# Harvesting
+
+
+@dataclass
+class HarvestRecord:
+    """One answered query: the prompt, the teacher's text and what the API said about it.
+
+    ``tokens[i]`` is the i-th generated token (as the API spells it), ``logprobs[i]`` its
+    logprob, ``top_logprobs[i]`` the top-k alternatives ``{token: logprob}`` (empty when
+    logprobs were not requested).
+    """
+
+    messages: list[dict[str, str]]
+    text: str
+    tokens: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_messages(prompt: str | Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """A user prompt string, or an existing message list, as chat messages."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def record_from_response(prompt: str | Sequence[dict[str, str]], response: Any) -> HarvestRecord:
+    """Turn an ``openai`` ``ChatCompletion`` into a :class:`HarvestRecord`."""
+    choice = response.choices[0]
+    tokens: list[str] = []
+    logprobs: list[float] = []
+    tops: list[dict[str, float]] = []
+    if choice.logprobs is not None and choice.logprobs.content is not None:
+        for entry in choice.logprobs.content:
+            tokens.append(entry.token)
+            logprobs.append(float(entry.logprob))
+            tops.append({t.token: float(t.logprob) for t in (entry.top_logprobs or [])})
+    usage = getattr(response, "usage", None)
+    return HarvestRecord(
+        messages=as_messages(prompt), text=choice.message.content or "", tokens=tokens,
+        logprobs=logprobs, top_logprobs=tops, finish_reason=choice.finish_reason,
+        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+
+
+def is_quota_error(error: Exception) -> bool:
+    """True when a 429 means "budget spent" (retrying is useless), not "slow down"."""
+    code = getattr(error, "code", None)
+    typ = getattr(error, "type", None)
+    return "insufficient_quota" in (code, typ)
+
+
+def retry_after_seconds(error: Exception, default: float = 1.0) -> float:
+    """The wait a 429 asks for (``retry-after-ms`` or ``retry-after`` header)."""
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(float(value) * scale, 0.0)
+            except ValueError:
+                continue
+    return default
+
+
+def harvest(client: Any, prompts: Iterable[str | Sequence[dict[str, str]]], *, budget: int,
+            top_logprobs: int | None = None, max_tokens: int = 32, model: str | None = None,
+            temperature: float = 0.0, seed: int | None = 0, max_waits: int = 20,
+            max_wait_seconds: float = 10.0) -> list[HarvestRecord]:
+    """Query the teacher once per prompt, never more than ``budget`` answered queries.
+
+    - ``top_logprobs``: ask for logprobs with this many alternatives (``None``: text only).
+    - A rate-limit 429 (``openai.RateLimitError`` with code ``rate_limit_exceeded``) waits
+      as long as the server asks and retries the same prompt, at most ``max_waits`` times.
+    - A quota 429 (``insufficient_quota``) ends the harvest: what was collected is returned.
+    - Any other API error (e.g. a 400 because the API refuses logprobs) propagates.
+    Only answered queries count against ``budget``. Introduced in lesson 04.
+    """
+    import openai
+
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    if model is None:
+        model = client.models.list().data[0].id
+    extra: dict[str, Any] = {}
+    if top_logprobs is not None:
+        extra = {"logprobs": True, "top_logprobs": int(top_logprobs)}
+    records: list[HarvestRecord] = []
+    for prompt in prompts:
+        if len(records) >= budget:
+            break
+        waits = 0
+        while True:
+            try:
+                response = client.chat.completions.create(
+                    model=model, messages=as_messages(prompt), max_tokens=max_tokens,
+                    temperature=temperature, seed=seed, **extra)
+            except openai.RateLimitError as err:
+                if is_quota_error(err) or waits >= max_waits:
+                    return records
+                waits += 1
+                time.sleep(min(retry_after_seconds(err), max_wait_seconds))
+                continue
+            records.append(record_from_response(prompt, response))
+            break
+    return records
+
+
+# ----------------------------------------------------------------------------------------
+# Token strings back to ids
+
+
+def token_to_id(token: str, tokenizer: Any) -> int:
+    """The id of a token as the API spelled it (a vocabulary piece or ``token_id:N``)."""
+    if token.startswith("token_id:"):
+        return int(token.split(":", 1)[1])
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(f"token {token!r} is not in the tokenizer's vocabulary: the API and "
+                         "your tokenizer disagree (ask for token_format='id' or use the "
+                         "teacher's tokenizer)")
+    return int(tid)
+
+
+def prompt_ids(messages: Sequence[dict[str, str]], tokenizer: Any) -> list[int]:
+    """The prompt the teacher saw: its chat template with the generation prompt."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------
+# Token-level KD from top-k logprobs
+
+
+@dataclass
+class SoftTargets:
+    """Sparse teacher distributions aligned with a batch of prompt+response sequences.
+
+    ``topk_ids[b, t]``/``topk_logprobs[b, t]`` is the teacher's top-k for the token at
+    position t+1, i.e. for the student's logits at position t (where ``target_mask``).
+    Missing entries have id 0 and logprob ``-inf``.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    topk_ids: torch.Tensor  # (B, T, k)
+    topk_logprobs: torch.Tensor  # (B, T, k)
+    target_mask: torch.Tensor  # (B, T) bool
+
+
+def soft_targets_from_records(records: Sequence[HarvestRecord], tokenizer: Any, *,
+                              k: int | None = None) -> SoftTargets:
+    """Build :class:`SoftTargets` from harvested records (requested with top_logprobs)."""
+    if not records:
+        raise ValueError("no records: harvest some answers first")
+    k = k or max((len(t) for r in records for t in r.top_logprobs), default=0)
+    if k == 0:
+        raise ValueError("the records carry no top_logprobs: harvest with top_logprobs=k > 0 "
+                         "(or use sequence_kd_batch for text-only distillation)")
+    seqs, rows = [], []
+    for r in records:
+        p = prompt_ids(r.messages, tokenizer)
+        resp = [token_to_id(t, tokenizer) for t in r.tokens]
+        seqs.append(p + resp)
+        rows.append((len(p), r.top_logprobs))
+    T = max(len(s) for s in seqs)
+    B = len(seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    ids = torch.zeros((B, T, k), dtype=torch.long)
+    lps = torch.full((B, T, k), -math.inf)
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, (seq, (plen, tops)) in enumerate(zip(seqs, rows, strict=True)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention[b, : len(seq)] = 1
+        for i, top in enumerate(tops):
+            items = sorted(top.items(), key=lambda kv: -kv[1])[:k]
+            if not items:
+                continue
+            t = plen + i - 1  # logits at t predict response token i
+            ids[b, t, : len(items)] = torch.tensor([token_to_id(tok, tokenizer) for tok, _ in items])
+            lps[b, t, : len(items)] = torch.tensor([lp for _, lp in items])
+            mask[b, t] = True
+    return SoftTargets(input_ids, attention, ids, lps, mask)
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_logprobs: torch.Tensor, target_mask: torch.Tensor | None = None, *,
+                   tail: Literal["bucket", "renormalise"] = "bucket") -> torch.Tensor:
+    """KL from the teacher's top-k logprobs to the student, mean over target positions.
+
+    ``tail="bucket"``: the teacher's distribution is coarsened to k+1 outcomes, its top-k
+    tokens and one "rest of the vocabulary" bucket holding 1 - sum(top-k); the student is
+    coarsened the same way and the loss is the exact KL between the two (a lower bound on
+    the full KL, by the data-processing inequality). ``tail="renormalise"``: the top-k are
+    renormalised to sum to 1 and the rest of the vocabulary gets target 0 (cross-entropy to
+    the student's full softmax, minus the target entropy, so 0 at a perfect match).
+    """
+    logp_s = torch.log_softmax(student_logits.float(), dim=-1)  # (..., V)
+    valid = torch.isfinite(topk_logprobs)
+    lp_t = torch.where(valid, topk_logprobs.float(), torch.full_like(topk_logprobs.float(), -1e30))
+    lp_s_top = torch.gather(logp_s, -1, topk_ids).masked_fill(~valid, -1e30)  # (..., k)
+    if tail == "renormalise":
+        q = torch.softmax(lp_t, dim=-1)
+        per_pos = (torch.xlogy(q, q) - q * lp_s_top.clamp_min(-1e4)).sum(-1)
+    elif tail == "bucket":
+        p = lp_t.exp() * valid
+        total = p.sum(-1, keepdim=True)
+        p = torch.where(total > 1.0, p / total, p)  # noisy logprobs may sum above 1
+        rest_t = (1.0 - p.sum(-1)).clamp_min(0.0)
+        s_top = lp_s_top.exp() * valid
+        rest_s = (1.0 - s_top.sum(-1)).clamp_min(1e-12)
+        per_pos = (torch.xlogy(p, p) - p * lp_s_top.clamp_min(-1e4)).sum(-1)
+        per_pos = per_pos + torch.xlogy(rest_t, rest_t) - rest_t * rest_s.log()
+    else:
+        raise ValueError(f"tail must be 'bucket' or 'renormalise', got {tail!r}")
+    if target_mask is None:
+        target_mask = valid.any(-1)
+    m = target_mask.to(per_pos.dtype)
+    return (per_pos * m).sum() / m.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Sequence-level KD: harvested text as SFT targets
+
+
+def sft_examples(records: Sequence[HarvestRecord]) -> list[dict[str, list[dict[str, str]]]]:
+    """Chat examples ``{"messages": [..., {"role": "assistant", "content": text}]}``."""
+    return [{"messages": [*r.messages, {"role": "assistant", "content": r.text}]}
+            for r in records]
+
+
+def sequence_kd_batch(records: Sequence[HarvestRecord], tokenizer: Any, *,
+                      max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Prompt + teacher response token ids, with ``labels`` = -100 on the prompt and padding.
+
+    The response is re-tokenised from the text (all a text-only API gives); an end token is
+    appended when the teacher stopped by itself (``finish_reason == "stop"``).
+    """
+    seqs, starts = [], []
+    for r in records:
+        p = prompt_ids(r.messages, tokenizer)
+        resp = tokenizer(r.text, add_special_tokens=False)["input_ids"]
+        if r.finish_reason == "stop" and tokenizer.eos_token_id is not None:
+            resp = resp + [tokenizer.eos_token_id]
+        seq = (p + resp)[:max_length] if max_length else p + resp
+        seqs.append(seq)
+        starts.append(len(p))
+    T = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for b, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention[b, : len(seq)] = 1
+        labels[b, start: len(seq)] = torch.tensor(seq[start:], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------
+# Fidelity
+
+
+def fidelity_from_targets(student_logits: torch.Tensor, targets: SoftTargets) -> dict[str, float]:
+    """Top-1 agreement, KL and total variation to the teacher's harvested top-k.
+
+    KL and TV are between the (k+1)-bucket coarsenings (top-k plus "rest"): lower bounds on
+    the full-vocabulary values, and exact when k = V.
+    """
+    logits = student_logits.float()
+    m = targets.target_mask
+    agree = (logits.argmax(-1) == targets.topk_ids[..., 0])[m].float().mean().item()
+    kl = sparse_kd_loss(logits, targets.topk_ids, targets.topk_logprobs, m).item()
+    valid = torch.isfinite(targets.topk_logprobs)
+    p = targets.topk_logprobs.exp() * valid
+    s = torch.gather(torch.softmax(logits, -1), -1, targets.topk_ids) * valid
+    tv = 0.5 * ((p - s).abs().sum(-1) + ((1 - p.sum(-1)) - (1 - s.sum(-1))).abs())
+    return {"top1_agreement": agree, "kl": kl, "tv": tv[m].mean().item()}
+
+
+def fidelity_dense(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Top-1 agreement, KL(teacher || student) and TV from full logits of both models."""
+    lt = torch.log_softmax(teacher_logits.float(), -1)
+    ls = torch.log_softmax(student_logits.float(), -1)
+    if mask is None:
+        mask = torch.ones(lt.shape[:-1], dtype=torch.bool)
+    mask = mask.bool()
+    agree = (lt.argmax(-1) == ls.argmax(-1))[mask].float().mean().item()
+    kl = (lt.exp() * (lt - ls)).sum(-1)[mask].mean().item()
+    tv = 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)[mask].mean().item()
+    return {"top1_agreement": agree, "kl": kl, "tv": tv}
+
+
+@torch.no_grad()
+def greedy_responses(model: Any, tokenizer: Any, prompts: Iterable[str | Sequence[dict]], *,
+                     max_new_tokens: int = 32) -> list[str]:
+    """The model's greedy answer to each prompt, with the same chat template as the API."""
+    out = []
+    device = next(model.parameters()).device
+    for prompt in prompts:
+        ids = torch.tensor([prompt_ids(as_messages(prompt), tokenizer)], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        new = gen[0, ids.shape[1]:].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        out.append(tokenizer.decode(new, skip_special_tokens=True))
+    return out
+
+
+def greedy_exact_match(student_texts: Sequence[str], teacher_texts: Sequence[str]) -> float:
+    """Share of prompts where the student's greedy answer equals the teacher's exactly."""
+    if len(student_texts) != len(teacher_texts) or not teacher_texts:
+        raise ValueError(f"need two equally long, non-empty lists, got {len(student_texts)} "
+                         f"and {len(teacher_texts)}")
+    return sum(a == b for a, b in zip(student_texts, teacher_texts, strict=True)) / len(teacher_texts)
+
+
+# ----------------------------------------------------------------------------------------
+# Carlini et al. (2024): the hidden size from full logit vectors
+
+
+def hidden_size_from_logits(logit_matrix: Any, *, center: bool = True) -> tuple[int, np.ndarray]:
+    """Estimate the hidden size h from n > h stacked logit (or logprob) vectors.
+
+    ``logit_matrix`` is (n, V). Unless ``center=False``, each row is centred (minus its mean
+    over the vocabulary), which removes the per-row logsumexp of logprobs (see the module
+    docstring: raw logprobs would give h+1), then each column (minus the mean query), so the
+    component every query shares (same chat template, same last token) does not dwarf the
+    others and fake a drop after the first value. The estimate is where log singular values drop
+    the most: ``argmax_i log s_i - log s_{i+1}`` plus one. It is scale-free (no absolute
+    threshold) and needs n > h + 1 rows, otherwise there is no drop to find.
+    Carlini et al. (2024), Sec. 4; lesson 04.
+    """
+    m = np.asarray(logit_matrix.detach().cpu().numpy() if hasattr(logit_matrix, "detach")
+                   else logit_matrix, dtype=np.float64)
+    if m.ndim != 2 or min(m.shape) < 2:
+        raise ValueError(f"need an (n, V) matrix with n, V >= 2, got shape {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError("the matrix has NaN or inf entries (missing logprobs?): fill every "
+                         "entry with a real logit or logprob")
+    if center:
+        m = m - m.mean(axis=1, keepdims=True)  # per-row constants (logsumexp) out
+        m = m - m.mean(axis=0, keepdims=True)  # the part shared by every query out
+    s = np.linalg.svd(m, compute_uv=False)
+    if s[0] == 0:
+        return 0, s
+    # After centring, the last singular value is structurally ~0 (the rows, or the columns,
+    # sum to zero): leave it out of the search.
+    r = len(s) - 1 if center else len(s)
+    logs = np.log(np.maximum(s[:r], s[0] * 1e-300))
+    gaps = logs[:-1] - logs[1:]
+    return int(np.argmax(gaps)) + 1, s
+
+
+@torch.no_grad()
+def final_logits(model: Any, input_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits at the last position of each sequence, stacked: (n, V).
+
+    Sequences of equal length run as one batch; otherwise one at a time (no padding, so
+    nothing depends on attention masks).
+    """
+    seqs = [list(s) for s in input_ids]
+    device = next(model.parameters()).device
+    if len({len(s) for s in seqs}) == 1:
+        return model(input_ids=torch.tensor(seqs, device=device)).logits[:, -1].double().cpu()
+    return torch.stack([model(input_ids=torch.tensor([s], device=device)).logits[0, -1]
+                        .double().cpu() for s in seqs])
+
+
+def logprob_matrix(records: Sequence[HarvestRecord], *, position: int = 0,
+                   missing: Literal["raise", "floor"] = "raise") -> tuple[np.ndarray, list[str]]:
+    """Stack the API's logprob vectors at ``position`` of each record: (n, V) and the tokens.
+
+    Needs the full vocabulary per query (top_logprobs = V). ``missing="floor"`` fills tokens
+    a record does not list with that row's smallest listed logprob (what an attacker facing
+    top-k truncation might try; it breaks the low-rank structure).
+    """
+    rows = [r.top_logprobs[position] for r in records if len(r.top_logprobs) > position]
+    if not rows:
+        raise ValueError(f"no record has logprobs at position {position}: harvest with "
+                         "top_logprobs and max_tokens > position")
+    vocab = sorted(set().union(*rows))
+    m = np.empty((len(rows), len(vocab)))
+    for i, row in enumerate(rows):
+        if len(row) < len(vocab) and missing == "raise":
+            raise ValueError(f"record {i} lists {len(row)} of the {len(vocab)} tokens seen: the "
+                             "API truncates top_logprobs (a defence), so there is no full "
+                             "vector to stack; pass missing='floor' to try anyway")
+        floor = min(row.values())
+        m[i] = [row.get(t, floor) for t in vocab]
+    return m, vocab
