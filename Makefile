@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
 .PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute \
-        doctor teacher data clean
+        doctor teacher data results-doc clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -77,6 +77,10 @@ lessons: $(STAMP)  ## regenerate lessons/ from solutions/
 
 execute: $(STAMP)  ## re-execute solutions/ in place (outputs, measured run times), then lessons
 	$(PY) -m utils.lessons execute
+	$(PY) scripts/results_doc.py
+
+results-doc: $(STAMP)  ## regenerate docs/RESULTS.md from results/*.json
+	$(PY) scripts/results_doc.py
 
 doctor: $(STAMP)  ## workshop preflight: is this machine ready? (under 20 s)
 	$(PY) -m utils.doctor
