@@ -6,6 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+MOBILE_STAMP := $(VENV)/.installed-mobile
 KERNEL := distill-deploy
 # Where torch comes from. Empty: pip's default (this course's machines serve the CPU wheel).
 # Elsewhere on Linux, PyPI's torch is a multi-GB CUDA build; for the CPU wheel use
@@ -17,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
 .PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute \
-        doctor teacher data results-doc clean
+        doctor teacher data results-doc clean install-mobile
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -37,10 +38,17 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)  ## create .venv and install the pinned stack and the Jupyter kernel
 
+# The optional `mobile` extra (ExecuTorch, ~200 MB): the test suite covers it too.
+$(MOBILE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,mobile]"
+	@touch $(MOBILE_STAMP)
+
+install-mobile: $(MOBILE_STAMP)  ## add the optional mobile extra (ExecuTorch export and runtime)
+
 lab: $(STAMP)  ## open the course: JupyterLab on lessons/ (prints the URL when headless)
 	$(PY) -m utils.lab
 
-test: $(STAMP)  ## the whole test suite: lint, units, drift checks, every notebook
+test: $(MOBILE_STAMP)  ## the whole test suite: lint, units, drift checks, every notebook
 	$(MAKE) lint
 	$(MAKE) units
 	$(MAKE) check-lessons
