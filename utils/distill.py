@@ -14,15 +14,30 @@ Every loss takes logits of shape ``(..., C)``: the class (or vocabulary) axis is
 the loss is averaged over all leading positions, so a ``(B, C)`` batch of images and a
 ``(B, T, V)`` batch of tokens use the same code. Token-level losses for language models
 (masks, reverse KL, ...) are added below by the later lessons.
+
+Lesson 03 (white-box distillation of language models) adds, below its own heading:
+
+- :func:`forward_kl_loss`, :func:`reverse_kl_loss` (MiniLLM's direction) and
+  :func:`generalized_jsd_loss` (GKD), on (B, T, V) logits with a (B, T) mask, averaged over
+  the masked tokens; :func:`lm_distillation_loss`, the shifted ``alpha`` mix with cross-entropy;
+- :func:`check_compatible` (one tokenizer for teacher and student);
+- ``DistillationTrainer``, a ``transformers.Trainer`` with a frozen teacher and GKD's
+  on-policy batches, and :func:`distill_lm`, the twin of :func:`utils.train.train_lm`.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from utils.train import IGNORE_INDEX, TrainResult
 
 __all__ = [
     "add_class_bias",
@@ -180,3 +195,558 @@ def fit_class_bias(logits: Tensor, labels: Tensor, class_index: int,
     if best is None:
         raise ValueError("candidates is empty: pass e.g. torch.linspace(0, 10, 101).tolist().")
     return best[2], best[0]
+
+
+# --------------------------------------------------------------------------------------
+# Lesson 03: token-level distillation (language models, white box)
+# --------------------------------------------------------------------------------------
+#
+# Conventions of this section:
+# - logits are (B, T, V) and a mask is (B, T), ALREADY SHIFTED: position t of the logits
+#   is the prediction whose target is token t of the mask's sequence. For a causal LM,
+#   shift with :func:`shift_for_next_token` (logits[:, :-1] predict labels[:, 1:]).
+# - mask is 1 (True) on the tokens that carry loss (the assistant's answer, or the tokens
+#   the student generated) and 0 on the prompt and on padding.
+# - reduction is a token-level mean: sum over the masked tokens / number of masked tokens,
+#   so a long answer weighs more than a short one (as cross-entropy with ignore_index does).
+#   A batch whose mask is all zero gives 0 (with a gradient of 0), never NaN.
+
+# IGNORE_INDEX (-100, PyTorch's cross-entropy default) is utils.train's label padding.
+LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
+
+__all__ += [
+    "DistillationTrainer",  # noqa: F822 - built lazily by __getattr__ below
+    "DistillResult",
+    "IGNORE_INDEX",
+    "LOSS_TYPES",
+    "check_compatible",
+    "distill_lm",
+    "forward_kl_loss",
+    "generalized_jsd_loss",
+    "lm_distillation_loss",
+    "masked_mean",
+    "reverse_kl_loss",
+    "shift_for_next_token",
+    "token_divergence",
+]
+
+
+def _check_token_inputs(student_logits: Tensor, teacher_logits: Tensor,
+                        mask: Tensor | None) -> Tensor:
+    """Validate (B, T, V) logits and a (B, T) mask; return the mask as a float tensor."""
+    _check_logits(student_logits, "student_logits")
+    _check_logits(teacher_logits, "teacher_logits")
+    if student_logits.shape != teacher_logits.shape:
+        hint = ""
+        if student_logits.shape[:-1] == teacher_logits.shape[:-1]:
+            hint = (f" The vocabularies differ ({student_logits.shape[-1]} vs "
+                    f"{teacher_logits.shape[-1]}): teacher and student must share one "
+                    "tokenizer (see check_compatible).")
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (B, T, V).{hint}")
+    if mask is None:
+        return torch.ones(student_logits.shape[:-1], dtype=student_logits.dtype,
+                          device=student_logits.device)
+    mask = torch.as_tensor(mask, device=student_logits.device)
+    if tuple(mask.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the logits are "
+                         f"{tuple(student_logits.shape)}: the mask must be (B, T), one entry per "
+                         "predicted token, shifted like the logits (see shift_for_next_token).")
+    return mask.to(student_logits.dtype)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """``sum(values * mask) / sum(mask)``: the mean over masked positions (0 if none). Lesson 03.
+
+    Masked-out entries are removed with ``torch.where``, not multiplied by 0, so a NaN or inf
+    in a padded position cannot leak into the result.
+    """
+    mask = mask.to(values.dtype)
+    kept = torch.where(mask > 0, values, torch.zeros_like(values)) * mask
+    return kept.sum() / mask.sum().clamp_min(1.0)
+
+
+def shift_for_next_token(logits: Tensor, labels: Tensor,
+                         ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor, Tensor]:
+    """Align a causal LM's predictions with their targets: ``(logits, targets, mask)``.
+
+    The logits at position t predict token t + 1, so the logits lose their last position and
+    the labels their first: ``logits[:, :-1]`` (B, T-1, V), ``labels[:, 1:]`` (B, T-1), and the
+    mask is ``targets != ignore_index`` (prompt and padding carry ``ignore_index``).
+    Transformers' ``ForCausalLMLoss`` does the same shift. Lesson 03.
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of the logits without "
+                         f"the vocabulary axis, {tuple(logits.shape[:-1])}.")
+    targets = labels[:, 1:]
+    return logits[:, :-1], targets, targets != ignore_index
+
+
+def forward_kl_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+                    temperature: float = 1.0) -> Tensor:
+    """Token-level forward KL, ``T^2 * mean_{masked t} KL(p_teacher,t || q_student,t)``.
+
+    Hinton et al. (2015) applied to every predicted token (the word-level KD of Kim & Rush
+    2016): the expectation is under the teacher, so the student is pushed to cover every
+    token the teacher finds likely ("mean-seeking"). Both distributions are softened by the
+    same ``T`` and the ``T^2`` factor keeps the gradient's size independent of ``T``.
+    Logits (B, T, V) and mask (B, T) are already shifted (see the section notes); the
+    reduction is the mean over masked tokens. Lesson 03, exercise 3.1.
+    """
+    m = _check_token_inputs(student_logits, teacher_logits, mask)
+    t = _check_temperature(temperature)
+    teacher_log = log_softmax_with_temperature(teacher_logits, t)  # (B, T, V) log p
+    student_log = log_softmax_with_temperature(student_logits, t)  # (B, T, V) log q
+    per_token = kl_divergence(teacher_log, student_log)            # (B, T)
+    return masked_mean(per_token, m) * t**2
+
+
+def reverse_kl_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+                    temperature: float = 1.0) -> Tensor:
+    """Token-level reverse KL, ``T^2 * mean_{masked t} KL(q_student,t || p_teacher,t)``.
+
+    The expectation is under the *student* (MiniLLM, Gu et al. 2024): putting mass where the
+    teacher has almost none costs a lot, leaving some teacher modes uncovered costs little,
+    so a small student concentrates on the teacher's main modes ("mode-seeking") instead of
+    spreading thin. MiniLLM optimises the sequence-level reverse KL with policy gradients;
+    this is its token-level form (as in GKD with beta = 1). Same ``T`` on both sides and the
+    same ``T^2`` factor as :func:`forward_kl_loss` (the gradient w.r.t. a student logit also
+    carries a ``1/T``). Logits (B, T, V), mask (B, T), already shifted; mean over masked
+    tokens. Lesson 03, exercise 3.2.
+    """
+    m = _check_token_inputs(student_logits, teacher_logits, mask)
+    t = _check_temperature(temperature)
+    teacher_log = log_softmax_with_temperature(teacher_logits, t)
+    student_log = log_softmax_with_temperature(student_logits, t)
+    per_token = kl_divergence(student_log, teacher_log)  # (B, T): expectation under the student
+    return masked_mean(per_token, m) * t**2
+
+
+def generalized_jsd_loss(student_logits: Tensor, teacher_logits: Tensor,
+                         mask: Tensor | None = None, beta: float = 0.5,
+                         temperature: float = 1.0) -> Tensor:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1), token level.
+
+    With ``M = beta * p_teacher + (1 - beta) * q_student`` (mixed in probability space)::
+
+        JSD(beta) = beta * KL(p_teacher || M) + (1 - beta) * KL(q_student || M)
+
+    This follows TRL's ``GKDTrainer.generalized_jsd_loss`` exactly, including its beta
+    convention and its end points: ``beta = 0`` is the forward KL ``KL(p_teacher || q_student)``
+    and ``beta = 1`` the reverse KL ``KL(q_student || p_teacher)`` (special-cased, because the
+    formula itself goes to 0 at both ends: ``JSD(beta) / beta -> forward KL`` as beta -> 0,
+    ``JSD(beta) / (1 - beta) -> reverse KL`` as beta -> 1). ``beta = 0.5`` is the ordinary,
+    symmetric JSD, bounded by ``log 2``. Both sides use the same ``T``; the whole divergence
+    is multiplied by ``T^2`` as the KLs are (TRL has no T^2 factor but trains at ``T = 1``,
+    where the two agree). Logits (B, T, V), mask (B, T), already shifted; mean over masked
+    tokens (TRL: ``jsd.sum() / mask.sum()``). Lesson 03.
+    """
+    m = _check_token_inputs(student_logits, teacher_logits, mask)
+    t = _check_temperature(temperature)
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {beta}.")
+    teacher_log = log_softmax_with_temperature(teacher_logits, t)
+    student_log = log_softmax_with_temperature(student_logits, t)
+    if beta == 0.0:
+        per_token = kl_divergence(teacher_log, student_log)
+    elif beta == 1.0:
+        per_token = kl_divergence(student_log, teacher_log)
+    else:
+        # log M = logsumexp(log p + log beta, log q + log(1 - beta)), stable in log space
+        mixture_log = torch.logsumexp(torch.stack([teacher_log + math.log(beta),
+                                                   student_log + math.log(1.0 - beta)]), dim=0)
+        per_token = (beta * kl_divergence(teacher_log, mixture_log)
+                     + (1.0 - beta) * kl_divergence(student_log, mixture_log))
+    return masked_mean(per_token, m) * t**2
+
+
+def token_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+                     *, loss_type: str = "forward_kl", temperature: float = 1.0,
+                     beta: float = 0.5) -> Tensor:
+    """One of :data:`LOSS_TYPES` by name: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``."""
+    if loss_type == "forward_kl":
+        return forward_kl_loss(student_logits, teacher_logits, mask, temperature)
+    if loss_type == "reverse_kl":
+        return reverse_kl_loss(student_logits, teacher_logits, mask, temperature)
+    if loss_type == "jsd":
+        return generalized_jsd_loss(student_logits, teacher_logits, mask, beta, temperature)
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}.")
+
+
+def lm_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                         temperature: float = 1.0, alpha: float = 0.5, *,
+                         loss_type: str = "forward_kl", beta: float = 0.5,
+                         return_parts: bool = False):
+    """``alpha * KD + (1 - alpha) * CE`` for a causal LM batch, from the models' raw outputs.
+
+    ``student_logits``/``teacher_logits`` are (B, T, V) *unshifted* model outputs and
+    ``labels`` (B, T) the collator's labels: token ids on the answer, ``-100`` on the prompt
+    and padding. The logits are shifted against the labels (:func:`shift_for_next_token`),
+    KD is :func:`token_divergence` (``loss_type``, ``temperature``, ``beta``) over the labelled
+    tokens and CE the hard-label cross-entropy at ``T = 1`` over the same tokens, both
+    token-level means. With ``return_parts`` returns ``(loss, kd, ce)``. Lesson 03, exercise
+    3.3; :class:`DistillationTrainer` uses it.
+    """
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (the weight of the distillation term), got {alpha}.")
+    s, targets, mask = shift_for_next_token(student_logits, labels)
+    t_logits = teacher_logits[:, :-1]
+    kd = token_divergence(s, t_logits, mask, loss_type=loss_type, temperature=temperature, beta=beta)
+    if bool(mask.any()):
+        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX)
+    else:  # nothing to learn from in this batch: a zero that still has a graph
+        ce = s.sum() * 0.0
+    loss = alpha * kd + (1.0 - alpha) * ce
+    return (loss, kd, ce) if return_parts else loss
+
+
+def _model_name(model: Any) -> str:
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return f"{type(model).__name__}({path})" if path else type(model).__name__
+
+
+def _output_vocab(model: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def check_compatible(teacher: Any, student: Any, teacher_tokenizer: Any = None,
+                     student_tokenizer: Any = None) -> None:
+    """Raise ``ValueError`` unless teacher and student can be distilled token by token.
+
+    White-box (logit) distillation compares the two models' distributions over the *same*
+    vocabulary at the *same* positions, so both need one tokenizer: the same number of
+    output logits and, when the tokenizers are given, the same token -> id table and special
+    tokens. The message names both sides and the fix. Lesson 03.
+    """
+    t_v, s_v = _output_vocab(teacher), _output_vocab(student)
+    if t_v != s_v:
+        raise ValueError(
+            f"teacher and student vocabularies differ: the teacher {_model_name(teacher)} has "
+            f"{t_v} output logits, the student {_model_name(student)} has {s_v}. Token-level "
+            "distillation compares their distributions token by token, so both must use the "
+            f"teacher's tokenizer. Fix: build the student with vocab_size={t_v} (e.g. "
+            "ModelConfig(vocab_size=len(teacher_tokenizer), ...)) and train it with the "
+            "teacher's tokenizer; distilling across tokenizers needs other methods (e.g. the "
+            "Universal Logit Distillation loss of Boizard et al. 2024), not this trainer."
+        )
+    if teacher_tokenizer is None or student_tokenizer is None:
+        return
+    t_name = getattr(teacher_tokenizer, "name_or_path", "") or type(teacher_tokenizer).__name__
+    s_name = getattr(student_tokenizer, "name_or_path", "") or type(student_tokenizer).__name__
+    fix = ("Fix: tokenize the data with the teacher's tokenizer and pass it to the student too "
+           "(processing_class=teacher_tokenizer); a student must be built for the teacher's "
+           "tokenizer, not another one of the same size.")
+    if len(teacher_tokenizer) != len(student_tokenizer):
+        raise ValueError(
+            f"teacher and student tokenizers differ: the teacher's ({t_name!r}) has "
+            f"{len(teacher_tokenizer)} tokens, the student's ({s_name!r}) has "
+            f"{len(student_tokenizer)}. {fix}")
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        diff = sorted(tok for tok in t_vocab if s_vocab.get(tok) != t_vocab[tok])[:3]
+        raise ValueError(
+            f"teacher and student tokenizers differ: the teacher's ({t_name!r}) and the "
+            f"student's ({s_name!r}) both have {len(teacher_tokenizer)} tokens but map them to "
+            f"different ids (e.g. {diff}), so logit i means different tokens. {fix}")
+    for attr in ("pad_token_id", "eos_token_id"):
+        a, b = getattr(teacher_tokenizer, attr, None), getattr(student_tokenizer, attr, None)
+        if a != b:
+            raise ValueError(f"teacher and student tokenizers differ: {attr} is {a} for the "
+                             f"teacher's ({t_name!r}) and {b} for the student's ({s_name!r}). {fix}")
+    if len(teacher_tokenizer) > t_v:
+        raise ValueError(f"the tokenizer {t_name!r} has {len(teacher_tokenizer)} tokens but the "
+                         f"models only {t_v} output logits. Fix: build the models with "
+                         f"vocab_size >= len(tokenizer).")
+
+
+_TRAINER_CLASS: Any = None
+
+
+def _distillation_trainer_class() -> Any:
+    """Build :class:`DistillationTrainer` on first use.
+
+    ``transformers.Trainer`` takes seconds to import (and pulls in accelerate and torchao), so
+    ``import utils.distill`` stays light for lesson 01: the class is created when it is first
+    asked for (``from utils.distill import DistillationTrainer`` or :func:`distill_lm`).
+    """
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is not None:
+        return _TRAINER_CLASS
+    from transformers import Trainer
+
+    class DistillationTrainer(Trainer):
+        """``transformers.Trainer`` that distils a frozen teacher into the student (lesson 03).
+
+        The loss of a batch is :func:`lm_distillation_loss`: ``alpha * KD + (1 - alpha) * CE``
+        with KD one of :data:`LOSS_TYPES` (``"forward_kl"``: Hinton/word-level KD;
+        ``"reverse_kl"``: MiniLLM's direction; ``"jsd"``: GKD's generalized JSD with ``beta``) at
+        ``temperature``, over the labelled tokens only. With probability ``lmbda`` a training batch
+        is replaced by an *on-policy* one (GKD, Agarwal et al. 2024): the student, in eval mode and
+        without gradient, samples ``max_new_tokens`` (at temperature 1, top_k 0) after each
+        prompt, and the loss is taken on the generated tokens only, scored by the teacher
+        (the KD term alone: a sample of the student's has no hard label to learn).
+        ``lmbda = 0`` is supervised (off-policy) KD, ``lmbda = 1`` fully on-policy.
+
+        The teacher is frozen (eval mode, ``requires_grad=False``), moved to the student's
+        device and run under ``torch.no_grad``; it is never given to the optimizer or to
+        ``accelerate``'s wrapping, so only the student learns. Because this is a ``Trainer``, the
+        same code runs under ``torchrun`` / ``accelerate launch`` (DDP; each process holds a
+        teacher copy). ``seed`` drives the on-policy coin flips (``random.Random(seed)``, the same
+        sequence on every process). ``self.step_log`` keeps this process's per-step losses.
+        """
+
+        # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, model: Any = None, args: Any = None, *, teacher_model: Any = None,
+                     loss_type: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.5,
+                     beta: float = 0.5, lmbda: float = 0.0, max_new_tokens: int = 32, seed: int = 0,
+                     teacher_tokenizer: Any = None, **kwargs: Any) -> None:
+            import random
+
+            if teacher_model is None:
+                raise TypeError("DistillationTrainer needs teacher_model=: the trained model to distil "
+                                "from (e.g. load_model('teacher')[0]).")
+            if loss_type not in LOSS_TYPES:
+                raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}.")
+            _check_temperature(temperature)
+            for name, value in (("alpha", alpha), ("beta", beta), ("lmbda", lmbda)):
+                if not 0.0 <= float(value) <= 1.0:
+                    raise ValueError(f"{name} must be in [0, 1], got {value}.")
+            if int(max_new_tokens) < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+            student_tokenizer = kwargs.get("processing_class")
+            check_compatible(teacher_model, model,
+                         student_tokenizer if teacher_tokenizer is None else teacher_tokenizer,
+                         student_tokenizer)
+            super().__init__(model=model, args=args, **kwargs)
+            self.loss_type, self.temperature, self.alpha = loss_type, float(temperature), float(alpha)
+            self.beta, self.lmbda, self.max_new_tokens = float(beta), float(lmbda), int(max_new_tokens)
+            self._coin = random.Random(seed)
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+            self.teacher_model = teacher_model.to(self.args.device)
+            self.step_log: list[dict[str, Any]] = []
+            self.last_on_policy: dict[str, Tensor] | None = None
+            self._pending: dict[str, list[float]] = {"kd_loss": [], "ce_loss": [], "on_policy": []}
+
+        # ---------------------------------------------------------------- on-policy batches
+
+        def _special_ids(self, model: Any) -> tuple[int, int | None]:
+            tok = self.processing_class
+            pad = getattr(tok, "pad_token_id", None)
+            eos = getattr(tok, "eos_token_id", None)
+            pad = pad if pad is not None else model.config.pad_token_id
+            eos = eos if eos is not None else model.config.eos_token_id
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+            if pad is None:
+                pad = eos if eos is not None else 0
+            return int(pad), (int(eos) if eos is not None else None)
+
+        @torch.no_grad()
+        def on_policy_batch(self, model: Any, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+            """Replace a batch by the student's own continuations of its prompts (GKD).
+
+            The prompt of a row is everything before its first labelled token. The student (eval
+            mode, no gradient, back to train mode afterwards) samples up to ``max_new_tokens``
+            after the left-padded prompts; each row becomes prompt + continuation (cut after the
+            first end token), right-padded, with labels on the generated tokens only.
+            """
+            from transformers import GenerationConfig
+
+            student = self.accelerator.unwrap_model(model)
+            pad, eos = self._special_ids(student)
+            ids, labels, attn = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
+            prompts = []
+            for row_ids, row_labels, row_attn in zip(ids, labels, attn, strict=True):
+                answer = (row_labels != IGNORE_INDEX).nonzero()
+                start = int(answer[0, 0]) if len(answer) else int(row_attn.sum())
+                prompts.append(row_ids[:max(start, 1)])
+            width = max(len(p) for p in prompts)
+            prompt_ids = torch.full((len(prompts), width), pad, dtype=ids.dtype, device=ids.device)
+            prompt_mask = torch.zeros_like(prompt_ids)
+            for i, p in enumerate(prompts):  # left padding: generation continues every row at the end
+                prompt_ids[i, width - len(p):] = p
+                prompt_mask[i, width - len(p):] = 1
+            config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=True,
+                                      temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad,
+                                      eos_token_id=eos)
+            was_training = student.training
+            student.eval()
+            try:
+                out = student.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                       generation_config=config)
+            finally:
+                student.train(was_training)
+            generated = out[:, width:]  # (B, <= max_new_tokens)
+            rows, row_labels = [], []
+            for p, g in zip(prompts, generated, strict=True):
+                if eos is not None and bool((g == eos).any()):
+                    g = g[:int((g == eos).nonzero()[0, 0]) + 1]  # keep the end token, drop the pads
+                rows.append(torch.cat([p, g]))
+                row_labels.append(torch.cat([torch.full_like(p, IGNORE_INDEX), g]))
+            length = max(len(r) for r in rows)
+            new = {"input_ids": torch.full((len(rows), length), pad, dtype=ids.dtype, device=ids.device)}
+            new["attention_mask"] = torch.zeros_like(new["input_ids"])
+            new["labels"] = torch.full_like(new["input_ids"], IGNORE_INDEX)
+            for i, (r, lab) in enumerate(zip(rows, row_labels, strict=True)):
+                new["input_ids"][i, :len(r)] = r
+                new["attention_mask"][i, :len(r)] = 1
+                new["labels"][i, :len(r)] = lab
+            new["prompt_lengths"] = torch.tensor([len(p) for p in prompts], device=ids.device)
+            return new
+
+        # ---------------------------------------------------------------- the loss
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None):
+            """``alpha * KD + (1 - alpha) * CE`` on the labelled tokens (see the class docstring).
+
+            ``num_items_in_batch`` is not used: the loss is a per-batch token mean
+            (``loss_is_scaled_for_ga = False`` tells the Trainer to divide by the accumulation
+            steps itself). Under DDP each process's mean gets the same weight in the averaged
+            gradient, whatever its number of answer tokens.
+            """
+            if "labels" not in inputs:
+                raise ValueError("the batch has no 'labels': tokenize with utils.train.tokenize_chat "
+                                 "(labels on the answer, -100 elsewhere) and use PadCollator.")
+            on_policy = bool(model.training and self.lmbda > 0 and self._coin.random() < self.lmbda)
+            if on_policy:
+                inputs = self.on_policy_batch(model, inputs)
+                self.last_on_policy = {k: v.detach().cpu() for k, v in inputs.items()}
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(input_ids=inputs["input_ids"],
+                                                    attention_mask=inputs["attention_mask"]).logits
+            # A student's own sample has no ground truth: on-policy batches use the KD term
+            # alone (as GKD does); the hard-label term needs the dataset's answers.
+            alpha = 1.0 if on_policy else self.alpha
+            loss, kd, ce = lm_distillation_loss(outputs.logits, teacher_logits, inputs["labels"],
+                                                self.temperature, alpha, loss_type=self.loss_type,
+                                                beta=self.beta, return_parts=True)
+            if model.training:
+                self._pending["kd_loss"].append(float(kd.detach()))
+                self._pending["ce_loss"].append(float(ce.detach()))
+                self._pending["on_policy"].append(float(on_policy))
+                self.step_log.append({"step": int(self.state.global_step) + 1, "loss": float(loss.detach()),
+                                      "kd_loss": float(kd.detach()), "ce_loss": float(ce.detach()),
+                                      "on_policy": on_policy})
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            """Add this process's mean KD and CE terms (and the on-policy share) to training logs."""
+            if "loss" in logs and self._pending["kd_loss"]:
+                logs = dict(logs)
+                for key, values in self._pending.items():
+                    name = "on_policy_share" if key == "on_policy" else key
+                    logs[name] = round(sum(values) / len(values), 6)
+                    values.clear()
+            super().log(logs, start_time)
+
+    DistillationTrainer.__module__ = __name__
+    DistillationTrainer.__qualname__ = "DistillationTrainer"
+    _TRAINER_CLASS = DistillationTrainer
+    return DistillationTrainer
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the Trainer subclass is built lazily
+    if name == "DistillationTrainer":
+        return _distillation_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass
+class DistillResult(TrainResult):
+    """What :func:`distill_lm` returns: :class:`utils.train.TrainResult` plus this process's
+    per-step losses (``step_log``: step, loss, kd_loss, ce_loss, on_policy)."""
+
+    step_log: list[dict] = field(default_factory=list)
+
+    @property
+    def on_policy_steps(self) -> int:
+        return sum(bool(s["on_policy"]) for s in self.step_log)
+
+
+def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_ds: Any = None, *,
+               max_steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+               loss_type: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.5,
+               beta: float = 0.5, lmbda: float = 0.0, max_new_tokens: int = 32,
+               warmup_steps: float = 0.03, weight_decay: float = 0.01, scheduler: str = "cosine",
+               eval_steps: int | None = None, logging_steps: int | None = None,
+               max_length: int = 256, callbacks: list | None = None, output_dir: str | None = None,
+               progress: bool = True, eval_batch_size: int = 64, min_lr_ratio: float = 0.1,
+               gradient_accumulation_steps: int = 1, use_cpu: bool | None = None,
+               teacher_tokenizer: Any = None) -> DistillResult:
+    """Distil ``teacher`` into ``student`` on chat data: :func:`utils.train.train_lm`'s twin.
+
+    Same data pipeline (``tokenize_chat``: labels on the assistant's tokens only;
+    ``PadCollator``), same budget in steps, optimiser and schedule as ``train_lm``, so a
+    distilled student and a student trained from scratch compare fairly; the loss is
+    :class:`DistillationTrainer`'s. ``use_cpu=None`` trains on the CPU unless CUDA is
+    available. The eval loss is the same distillation loss on ``eval_ds`` (off-policy).
+    Lesson 03.
+    """
+    import tempfile
+
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from utils.train import PadCollator, prepare_dataset
+
+    class _QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # no dict under the bar
+            return None
+
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    check_compatible(teacher, student, tokenizer if teacher_tokenizer is None else teacher_tokenizer,
+                     tokenizer)
+    train_tok = prepare_dataset(train_ds, tokenizer, max_length)
+    eval_tok = prepare_dataset(eval_ds, tokenizer, max_length) if eval_ds is not None else None
+    eval_steps = eval_steps or max(1, max_steps // 10)
+    logging_steps = logging_steps or max(1, min(50, max_steps // 20))
+    sched_kwargs: dict[str, Any] = {}
+    if scheduler == "cosine" and min_lr_ratio > 0:
+        scheduler, sched_kwargs = "cosine_with_min_lr", {"min_lr_rate": min_lr_ratio}
+    if use_cpu is None:
+        use_cpu = not torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="dd-distill-") as tmp:
+        args = TrainingArguments(
+            output_dir=output_dir or tmp, max_steps=max_steps, per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=eval_batch_size, learning_rate=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, lr_scheduler_type=scheduler, lr_scheduler_kwargs=sched_kwargs,
+            adam_beta2=0.98, max_grad_norm=1.0, gradient_accumulation_steps=gradient_accumulation_steps,
+            eval_strategy="steps" if eval_tok is not None else "no", eval_steps=eval_steps,
+            logging_strategy="steps", logging_steps=logging_steps, logging_first_step=True,
+            save_strategy="no", report_to="none", seed=seed, data_seed=seed, use_cpu=use_cpu,
+            dataloader_num_workers=0, disable_tqdm=not progress, remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding",
+            ddp_find_unused_parameters=False,  # every student weight is used (quieter, faster DDP)
+        )
+        trainer = _distillation_trainer_class()(
+            model=student, args=args, teacher_model=teacher, loss_type=loss_type,
+            temperature=temperature, alpha=alpha, beta=beta, lmbda=lmbda,
+            max_new_tokens=max_new_tokens, seed=seed, teacher_tokenizer=teacher_tokenizer,
+            train_dataset=train_tok, eval_dataset=eval_tok,
+            data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+            callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
+        if progress:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(_QuietProgress)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    student.eval()
+    return DistillResult(log_history=list(trainer.state.log_history), train_seconds=seconds,
+                         steps=trainer.state.global_step,
+                         tokens_seen=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
+                         step_log=list(trainer.step_log))
