@@ -93,6 +93,26 @@ def expect_close(actual: Any, expected: Any, what: str, *, atol: float = 1e-5,
         raise CheckFailed(f"{what}: values differ from the expected ones (max |diff| = {diff:.3g})")
 
 
+def close(a: float, b: float, *, rtol: float = 1e-4, atol: float = 1e-7) -> bool:
+    """``a`` is within ``atol + rtol * |b|`` of ``b`` (scalars)."""
+    return abs(a - b) <= atol + rtol * abs(b)
+
+
+def diagnose(got: float, expected: float, mistakes: dict[str, float], what: str, *,
+             rtol: float = 1e-4, atol: float = 1e-7) -> None:
+    """Fail naming the known mistake whose value matches ``got``, else expected vs got.
+
+    ``mistakes`` maps a hint ("did you forget the T^2 factor?") to the value that mistake
+    produces on the same input, so a wrong answer is explained, not just reported.
+    """
+    if close(got, expected, rtol=rtol, atol=atol):
+        return
+    for hint, value in mistakes.items():
+        expect(not close(got, value, rtol=rtol, atol=atol),
+               f"{what}: expected {expected:.6g}, got {got:.6g}. {hint}")
+    expect(False, f"{what}: expected {expected:.6g}, got {got:.6g}.")
+
+
 def _to_numpy(x: Any):
     import numpy as np
 
