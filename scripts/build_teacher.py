@@ -194,7 +194,7 @@ def build(preset: str, out: Path, *, steps: int | None, eval_split: str, eval_li
 
 
 def _write_atomically(out: Path, model, tok, card: dict, rows: list[dict]) -> None:
-    from utils.io import atomic_write_json, atomic_write_text
+    from utils.io import atomic_write_json, atomic_write_text, replace_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -208,15 +208,10 @@ def _write_atomically(out: Path, model, tok, card: dict, rows: list[dict]) -> No
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         for f in tmp.iterdir():  # mkstemp-style 0600 files would be unreadable to others
             f.chmod(0o644)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
     print(f"wrote {out}")
 
 

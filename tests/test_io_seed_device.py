@@ -134,3 +134,17 @@ def test_asking_for_a_missing_device_names_the_fix(monkeypatch, asked):
 def test_describe_cpu():
     text = describe_device(torch.device("cpu"))
     assert text.startswith("cpu (") and f"{torch.get_num_threads()} torch threads" in text
+
+
+def test_replace_dir_swaps_whole_folders(tmp_path):
+    from utils.io import replace_dir
+
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    new = tmp_path / ".model.tmp"
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    replace_dir(new, final)
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert not new.exists() and not (tmp_path / ".model.old").exists()

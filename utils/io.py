@@ -35,3 +35,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Pretty, key-sorted JSON with a trailing newline, written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a fully written folder ``tmp`` to ``final``, replacing any old one.
+
+    The old folder is first renamed aside, then ``tmp`` renamed into place, then the old one
+    deleted: a reader sees the old folder or the new one, never a mix. On failure ``tmp`` is
+    removed and the old folder is left as it was (or restored).
+    """
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    try:
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final

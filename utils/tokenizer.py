@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from utils.io import replace_dir
 from utils.paths import data_dir
 
 PAD, BOS, USER, ASSISTANT, EOS = "<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -104,16 +105,10 @@ def save_tokenizer(tok, path: str | Path | None = None) -> Path:
     tmp.chmod(0o755)
     try:
         tok.save_pretrained(str(tmp))
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+    return replace_dir(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
