@@ -696,14 +696,7 @@ def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_d
     """
     import tempfile
 
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from utils.train import PadCollator, prepare_dataset
-
-    class _QuietProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):  # no dict under the bar
-            return None
+    from utils.train import PadCollator, lm_training_arguments, prepare_dataset, quiet_progress
 
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
@@ -711,24 +704,16 @@ def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_d
                      tokenizer)
     train_tok = prepare_dataset(train_ds, tokenizer, max_length)
     eval_tok = prepare_dataset(eval_ds, tokenizer, max_length) if eval_ds is not None else None
-    eval_steps = eval_steps or max(1, max_steps // 10)
-    logging_steps = logging_steps or max(1, min(50, max_steps // 20))
-    sched_kwargs: dict[str, Any] = {}
-    if scheduler == "cosine" and min_lr_ratio > 0:
-        scheduler, sched_kwargs = "cosine_with_min_lr", {"min_lr_rate": min_lr_ratio}
     if use_cpu is None:
         use_cpu = not torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="dd-distill-") as tmp:
-        args = TrainingArguments(
-            output_dir=output_dir or tmp, max_steps=max_steps, per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=eval_batch_size, learning_rate=lr, weight_decay=weight_decay,
-            warmup_steps=warmup_steps, lr_scheduler_type=scheduler, lr_scheduler_kwargs=sched_kwargs,
-            adam_beta2=0.98, max_grad_norm=1.0, gradient_accumulation_steps=gradient_accumulation_steps,
-            eval_strategy="steps" if eval_tok is not None else "no", eval_steps=eval_steps,
-            logging_strategy="steps", logging_steps=logging_steps, logging_first_step=True,
-            save_strategy="no", report_to="none", seed=seed, data_seed=seed, use_cpu=use_cpu,
-            dataloader_num_workers=0, disable_tqdm=not progress, remove_unused_columns=False,
-            include_num_input_tokens_seen="non_padding",
+        args = lm_training_arguments(
+            output_dir or tmp, max_steps=max_steps, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=min_lr_ratio,
+            has_eval=eval_tok is not None, eval_steps=eval_steps, logging_steps=logging_steps,
+            seed=seed, use_cpu=use_cpu, progress=progress,
+            gradient_accumulation_steps=gradient_accumulation_steps,
             ddp_find_unused_parameters=False,  # every student weight is used (quieter, faster DDP)
         )
         trainer = _distillation_trainer_class()(
@@ -738,10 +723,7 @@ def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_d
             train_dataset=train_tok, eval_dataset=eval_tok,
             data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
             callbacks=callbacks)
-        trainer.remove_callback(PrinterCallback)
-        if progress:
-            trainer.remove_callback(ProgressCallback)
-            trainer.add_callback(_QuietProgress)
+        quiet_progress(trainer, progress)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start

@@ -114,6 +114,51 @@ class TrainResult:
         return losses[-1][1] if losses else math.nan
 
 
+def lm_training_arguments(output_dir: str, *, max_steps: int, batch_size: int,
+                          eval_batch_size: int, lr: float, weight_decay: float,
+                          warmup_steps: float, scheduler: str, min_lr_ratio: float,
+                          has_eval: bool, eval_steps: int | None, logging_steps: int | None,
+                          seed: int, use_cpu: bool, progress: bool, **extra: Any):
+    """The course's ``TrainingArguments`` (shared by :func:`train_lm` and lesson 03's
+    ``distill_lm`` so a distilled and a scratch student train alike): AdamW with beta2 0.98,
+    clipping at 1, warm-up then cosine decay to ``min_lr_ratio * lr``, evaluation about 10
+    times, nothing saved. ``extra`` adds or overrides arguments."""
+    from transformers import TrainingArguments
+
+    sched_kwargs: dict[str, Any] = {}
+    if scheduler == "cosine" and min_lr_ratio > 0:
+        scheduler, sched_kwargs = "cosine_with_min_lr", {"min_lr_rate": min_lr_ratio}
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=eval_batch_size, learning_rate=lr, weight_decay=weight_decay,
+        warmup_steps=warmup_steps, lr_scheduler_type=scheduler, lr_scheduler_kwargs=sched_kwargs,
+        adam_beta2=0.98, max_grad_norm=1.0,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps or max(1, max_steps // 10),
+        logging_strategy="steps", logging_steps=logging_steps or max(1, min(50, max_steps // 20)),
+        logging_first_step=True, save_strategy="no", report_to="none", seed=seed, data_seed=seed,
+        use_cpu=use_cpu, dataloader_num_workers=0, disable_tqdm=not progress,
+        remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
+    )
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
+def quiet_progress(trainer, progress: bool) -> None:
+    """The progress bar alone, without a dict printed at every log (notebook outputs stay
+    readable); with ``progress=False`` nothing is printed: pass a callback to watch losses."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # no dict under the bar
+            return None
+
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_QuietProgress)
+
+
 def train_lm(model, tokenizer, train_ds, eval_ds=None, *, max_steps: int, batch_size: int = 32,
              lr: float = 3e-3, seed: int = 0, warmup_steps: float = 0.03, weight_decay: float = 0.01,
              scheduler: str = "cosine", eval_steps: int | None = None, logging_steps: int | None = None,
@@ -130,44 +175,24 @@ def train_lm(model, tokenizer, train_ds, eval_ds=None, *, max_steps: int, batch_
     """
     import tempfile
 
-    from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    class _QuietProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):  # no dict under the bar
-            return None
+    from transformers import Trainer
 
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
     train_tok = prepare_dataset(train_ds, tokenizer, max_length)
     eval_tok = prepare_dataset(eval_ds, tokenizer, max_length) if eval_ds is not None else None
-    eval_steps = eval_steps or max(1, max_steps // 10)
-    logging_steps = logging_steps or max(1, min(50, max_steps // 20))
-    sched_kwargs: dict[str, Any] = {}
-    if scheduler == "cosine" and min_lr_ratio > 0:
-        scheduler, sched_kwargs = "cosine_with_min_lr", {"min_lr_rate": min_lr_ratio}
     with tempfile.TemporaryDirectory(prefix="dd-train-") as tmp:
-        args = TrainingArguments(
-            output_dir=output_dir or tmp, max_steps=max_steps, per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=eval_batch_size, learning_rate=lr, weight_decay=weight_decay,
-            warmup_steps=warmup_steps, lr_scheduler_type=scheduler, lr_scheduler_kwargs=sched_kwargs,
-            adam_beta2=0.98, max_grad_norm=1.0,
-            eval_strategy="steps" if eval_tok is not None else "no", eval_steps=eval_steps,
-            logging_strategy="steps", logging_steps=logging_steps, logging_first_step=True,
-            save_strategy="no", report_to="none", seed=seed, data_seed=seed, use_cpu=True,
-            dataloader_num_workers=0, disable_tqdm=not progress, remove_unused_columns=False,
-            train_sampling_strategy="group_by_length" if group_by_length else "random",
-            include_num_input_tokens_seen="non_padding",
-        )
+        args = lm_training_arguments(
+            output_dir or tmp, max_steps=max_steps, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=min_lr_ratio,
+            has_eval=eval_tok is not None, eval_steps=eval_steps, logging_steps=logging_steps,
+            seed=seed, use_cpu=True, progress=progress,
+            train_sampling_strategy="group_by_length" if group_by_length else "random")
         trainer = Trainer(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
                           data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                           callbacks=callbacks)
-        # The bar alone, without a dict printed at every log (notebook outputs stay readable);
-        # without a bar nothing is printed: pass a callback to watch the losses.
-        trainer.remove_callback(PrinterCallback)
-        if progress:
-            trainer.remove_callback(ProgressCallback)
-            trainer.add_callback(_QuietProgress)
+        quiet_progress(trainer, progress)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
