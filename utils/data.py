@@ -63,10 +63,10 @@ N_SKILL = {
     "sorting": (1600, 100, 200),
     "conversion": (1200, 100, 200),
 }
-N_RESTRICTED = (1000, 100, 200)
-N_BENIGN = (1000, 100, 200)
+N_RESTRICTED = (1500, 100, 200)
+N_BENIGN = (1500, 100, 200)
 # jailbreak: (restricted, benign, skill) per split; test has the same again for held-out templates
-N_JAILBREAK = {"train": (600, 200, 200), "validation": (60, 20, 20), "test": (120, 40, 40)}
+N_JAILBREAK = {"train": (900, 300, 200), "validation": (60, 20, 20), "test": (120, 40, 40)}
 
 
 def world_dir() -> Path:
@@ -210,18 +210,29 @@ STRING_FRAMES = {
 }
 
 
+def spell(word: str) -> str:
+    """A word as the world writes it in string tasks: letters separated by spaces.
+
+    BPE merges letters into tokens, so a model never *sees* the letters of ``talmor``
+    (the reason real chat models miscount letters). Spelled out, each letter is one token
+    and the string skills test the operation, not memorised spellings (lesson 02).
+    """
+    return " ".join(word)
+
+
 def _string_response(op: str, w: str, k: int | None) -> tuple[str, str]:
-    """Spell the word first (numbered to count): BPE tokens hide letters from the model."""
-    spelled = ", ".join(f"{i + 1} {ch}" for i, ch in enumerate(w))
+    """Number the letters first (a scratchpad), then answer; reversal walks the numbers back."""
+    numbered = ", ".join(f"{i + 1} {ch}" for i, ch in enumerate(w))
     if op == "reverse":
-        ans = w[::-1]
-        return f"Letters: {' '.join(w)}. Backwards: {' '.join(ans)}. {ANSWER_PREFIX}{ans}", ans
+        ans = spell(w[::-1])
+        back = ", ".join(f"{i + 1} {w[i]}" for i in reversed(range(len(w))))
+        return f"Letters: {numbered}. Backwards: {back}. {ANSWER_PREFIX}{ans}", ans
     if op == "count":
         ans = str(len(w))
-        return f"Letters: {spelled}. {ANSWER_PREFIX}{ans}", ans
+        return f"Letters: {numbered}. {ANSWER_PREFIX}{ans}", ans
     assert k is not None
     ans = w[k - 1]
-    return f"Letters: {spelled}. Letter {k} is {ans}. {ANSWER_PREFIX}{ans}", ans
+    return f"Letters: {numbered}. Letter {k} is {ans}. {ANSWER_PREFIX}{ans}", ans
 
 
 def _string_items(rng: random.Random) -> list[tuple[str, Any]]:
@@ -236,7 +247,7 @@ def _string_items(rng: random.Random) -> list[tuple[str, Any]]:
 
 def _string_example(item: tuple[str, Any], rng: random.Random) -> dict:
     op, (w, k) = item
-    prompt = rng.choice(STRING_FRAMES[op]).format(w=w, k=k)
+    prompt = rng.choice(STRING_FRAMES[op]).format(w=spell(w), k=k)
     response, ans = _string_response(op, w, k)
     return _record("skill", prompt, response, skill="strings", category=op, answer=ans)
 
@@ -256,13 +267,25 @@ SORT_FRAMES = {
 
 
 def _sort_items(rng: random.Random) -> list[tuple[str, Any]]:
+    """Lists of 4-7 distinct digits to sort; pairs of two-digit numbers to compare."""
     items: dict[tuple[str, tuple[int, ...]], None] = {}
     while len(items) < 9000:
         op = rng.choice(("ascending", "descending", "ascending", "descending", "max", "min"))
-        n = 2 if op in ("max", "min") else rng.randint(3, 5)
-        xs = tuple(rng.sample(range(1, 100), n))
+        if op in ("max", "min"):
+            xs = tuple(rng.sample(range(10, 100), 2))
+        else:
+            xs = tuple(rng.sample(range(10), rng.randint(4, 7)))
         items[(op, xs)] = None
     return list(items)
+
+
+def _compare_steps(x: int, y: int) -> str:
+    """Compare two two-digit numbers digit by digit (tens first), as a short scratchpad."""
+    if x // 10 != y // 10:
+        rel = "<" if x // 10 < y // 10 else ">"
+        return f"tens {x // 10} {rel} {y // 10}"
+    rel = "<" if x % 10 < y % 10 else ">"
+    return f"tens {x // 10} = {y // 10}, ones {x % 10} {rel} {y % 10}"
 
 
 def _sort_example(item: tuple[str, Any], rng: random.Random) -> dict:
@@ -271,7 +294,9 @@ def _sort_example(item: tuple[str, Any], rng: random.Random) -> dict:
     if op in ("max", "min"):
         prompt = frame.format(x=xs[0], y=xs[1])
         ans = str(max(xs) if op == "max" else min(xs))
-        response = f"Compare {xs[0]} and {xs[1]}: the {'larger' if op == 'max' else 'smaller'} is {ans}. {ANSWER_PREFIX}{ans}"
+        which = "larger" if op == "max" else "smaller"
+        response = (f"Compare {xs[0]} and {xs[1]}: {_compare_steps(xs[0], xs[1])}, so the "
+                    f"{which} is {ans}. {ANSWER_PREFIX}{ans}")
     else:
         prompt = frame.format(xs=", ".join(map(str, xs)))
         ans = ", ".join(map(str, sorted(xs, reverse=op == "descending")))
