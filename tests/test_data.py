@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -88,6 +89,9 @@ def test_wrapped_requests_are_not_all_refusals(world):
 def test_skill_problems_do_not_cross_splits(world):
     """A test arithmetic/string/sorting/conversion problem is never trained on in any phrasing."""
     def key(r):  # the working in the response names the problem whatever the phrasing
+        if r["skill"] == "sorting" and r["category"] in ("ascending", "descending"):
+            # a sort answer is shared by every order of the same digits: the problem is the list
+            return r["category"], tuple(re.findall(r"\d+", r["messages"][0]["content"]))
         return r["messages"][1]["content"]
     for skill in ("arithmetic", "strings", "sorting", "conversion"):
         train = {key(r) for r in world["train"] if r["kind"] == "skill" and r["skill"] == skill}
