@@ -17,7 +17,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
-.PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute \
+.PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute experiments \
         doctor teacher data results-doc clean install-mobile
 
 help:  ## list the commands
@@ -77,7 +77,7 @@ teacher: $(STAMP)  ## build the shipped teacher into data/models/teacher/ (about
 # `make execute` only.
 notebooks: $(STAMP)  ## execute every notebook in lessons/ and solutions/ with nbval
 	@tmp=$$(mktemp -d) && DD_RESULTS_DIR=$$tmp $(PY) -m pytest -q -p no:cacheprovider \
-	  --nbval-lax --nbval-current-env --nbval-cell-timeout=600 lessons solutions; \
+	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 lessons solutions; \
 	  rc=$$?; rm -rf $$tmp; exit $$rc
 
 lessons: $(STAMP)  ## regenerate lessons/ from solutions/
@@ -86,6 +86,10 @@ lessons: $(STAMP)  ## regenerate lessons/ from solutions/
 execute: $(STAMP)  ## re-execute solutions/ in place (outputs, measured run times), then lessons
 	$(PY) -m utils.lessons execute
 	$(PY) scripts/results_doc.py
+
+experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 07): commit results/*_grid.json
+	$(PY) scripts/experiments_03.py
+	$(PY) scripts/experiments_07.py --build-missing
 
 results-doc: $(STAMP)  ## regenerate docs/RESULTS.md from results/*.json
 	$(PY) scripts/results_doc.py

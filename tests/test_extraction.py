@@ -10,7 +10,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from _tiny_chat import CORPUS, assert_no_live_servers, tiny_model, tiny_tokenizer
+from _tiny_chat import CORPUS, tiny_model
 
 from utils.extraction import (
     HarvestRecord,
@@ -29,24 +29,9 @@ from utils.extraction import (
 )
 from utils.serve import Defences, ServerConfig, port_is_open, start_server
 
+pytestmark = pytest.mark.usefixtures("no_server_left_behind")
+
 KEY = "sk-student"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_server_left_behind():
-    yield
-    assert_no_live_servers()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    torch.set_num_threads(1)
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def teacher(tok):
-    return tiny_model(tok, hidden_size=32, seed=0)
 
 
 @contextmanager

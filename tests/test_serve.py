@@ -12,26 +12,16 @@ import httpx
 import openai
 import pytest
 import torch
-from _tiny_chat import assert_no_live_servers, tiny_model, tiny_tokenizer
+from _tiny_chat import tiny_model
 from transformers import WatermarkingConfig
 
 from utils.extraction import greedy_responses
 from utils.serve import Defences, ServerConfig, port_is_open, start_server
 from utils.watermark import score_tokens
 
+pytestmark = pytest.mark.usefixtures("no_server_left_behind")
+
 KEY = "sk-student"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_server_left_behind():
-    yield
-    assert_no_live_servers()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    torch.set_num_threads(1)
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

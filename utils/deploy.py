@@ -404,6 +404,41 @@ def ort_generate_full(session: Any, input_ids: Any, max_new_tokens: int,
     return seq
 
 
+def ort_generate_stream(session: Any, input_ids: Any, max_new_tokens: int,
+                        eos_token_id: int | Sequence[int] | None = None) -> Iterator[int]:
+    """Yield greedy tokens one at a time from a decode graph (batch 1), for a chat box (lesson 06).
+
+    The same steps as :func:`ort_generate` (prefill, then one token per call with the cache),
+    but each token is handed out as soon as it exists, so a UI can print it before the next
+    one is computed. Stops after ``eos_token_id`` (which is yielded) or ``max_new_tokens``.
+    """
+    ids = _as_ids(input_ids)
+    if ids.shape[0] != 1:
+        raise ValueError(f"ort_generate_stream streams one prompt (batch 1), got batch {ids.shape[0]}")
+    names = [o.name for o in session.get_outputs()]
+    presents = [n for n in names if n.startswith("present.")]
+    if not presents:
+        raise ValueError("this session has no present.* outputs: export it with "
+                         "export_onnx(..., with_cache=True)")
+    eos = _eos_set(eos_token_id)
+    past, feed = empty_past(session, 1), ids
+    pos = np.arange(ids.shape[1], dtype=np.int64)[None]  # (1, T)
+    total = ids.shape[1]
+    for _ in range(max_new_tokens):
+        outputs = session.run(None, {"input_ids": feed, "attention_mask":
+                                     np.ones((1, total), dtype=np.int64),
+                                     "position_ids": pos, **past})
+        nxt = int(outputs[0][0, -1].argmax())
+        yield nxt
+        if eos is not None and nxt in eos:
+            return
+        past = {p.replace("present.", "past_key_values."): outputs[names.index(p)]
+                for p in presents}
+        feed = np.array([[nxt]], dtype=np.int64)
+        pos = np.array([[total]], dtype=np.int64)
+        total += 1
+
+
 def ort_logits(session: Any, input_ids: Any) -> np.ndarray:
     """Logits ``(B, T, V)`` of a prompt from either graph (no padding)."""
     ids = _as_ids(input_ids)
@@ -465,6 +500,58 @@ def reference_outputs(model: Any, input_ids: Any, max_new_tokens: int) -> dict[s
     return {"logits": logits.float().numpy(), "tokens": torch.cat(tokens, 1).numpy()}
 
 
+def reference_generations(model: Any, prompts: Sequence[Any], max_new_tokens: int,
+                          eos_token_id: int | Sequence[int] | None = None) -> list[dict]:
+    """PyTorch fp32 references for :func:`parity_report`, one dict per prompt (lesson 06).
+
+    Each holds ``input_ids (1, T)``, the prompt's ``logits (1, T, V)`` and ``tokens``: the
+    greedy continuation of ``model.generate(do_sample=False)`` (stops after eos, like a chat).
+    """
+    import torch
+
+    refs = []
+    for prompt in prompts:
+        ids = torch.as_tensor(_as_ids(prompt))
+        if ids.shape[0] != 1:
+            raise ValueError(f"each prompt is one sequence (batch 1), got batch {ids.shape[0]}")
+        pad = eos_token_id if isinstance(eos_token_id, int) else 0
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float().numpy()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                 pad_token_id=pad).numpy()
+        refs.append({"input_ids": ids.numpy(), "logits": logits,
+                     "tokens": out[:, ids.shape[1]:]})
+    return refs
+
+
+def parity_report(references: Sequence[dict], logits_fn: Any, generate_fn: Any,
+                  max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None
+                  ) -> dict[str, float]:
+    """Compare one runtime with the PyTorch references of :func:`reference_generations`.
+
+    ``logits_fn(ids) -> (1, T, V)`` and ``generate_fn(ids, max_new_tokens, eos_token_id) ->
+    (1, T + n)`` run the runtime on a ``(1, T)`` int64 prompt. Returns ``max_abs_logit_diff``
+    (largest over every prompt), ``greedy_agreement`` (generated tokens equal to the
+    reference's, pooled over prompts; a run that stops early or late counts the extra
+    positions as misses) and ``exact_share`` (prompts whose whole continuation is identical).
+    """
+    if not references:
+        raise ValueError("no references: build them with reference_generations(model, prompts, n)")
+    diff, agree, total, exact = 0.0, 0.0, 0, 0
+    for ref in references:
+        ids = ref["input_ids"]
+        diff = max(diff, max_abs_logit_diff(logits_fn(ids), ref["logits"]))
+        got = np.asarray(generate_fn(ids, max_new_tokens, eos_token_id))[:, ids.shape[1]:]
+        want = ref["tokens"]
+        length = max(got.shape[1], want.shape[1])
+        agree += greedy_agreement(got, want) * length
+        total += length
+        exact += int(got.shape == want.shape and np.array_equal(got, want))
+    return {"max_abs_logit_diff": diff, "greedy_agreement": agree / total,
+            "exact_share": exact / len(references)}
+
+
 # --------------------------------------------------------------------------------------------
 # ExecuTorch (optional `mobile` extra)
 # --------------------------------------------------------------------------------------------
@@ -472,7 +559,8 @@ def reference_outputs(model: Any, input_ids: Any, max_new_tokens: int) -> dict[s
 def executorch_available() -> bool:
     """True when the optional ``executorch`` package (``pip install .[mobile]``) imports."""
     try:
-        import executorch.runtime  # noqa: F401
+        with _stderr_to_devnull():  # loading its C++ runtime logs cpuinfo probes on fd 2
+            import executorch.runtime  # noqa: F401
     except ImportError:
         return False
     return True
@@ -487,13 +575,15 @@ def _require_executorch() -> None:
 
 @contextlib.contextmanager
 def _stderr_to_devnull() -> Iterator[None]:
-    """Silence C++ chatter written straight to file descriptor 2 (ExecuTorch's cpuinfo)."""
+    """Silence chatter written to stderr: straight to file descriptor 2 (C++ libraries) and
+    through ``sys.stderr`` (ExecuTorch's pybindings route its runtime log there in Jupyter)."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        yield
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -509,8 +599,10 @@ def export_executorch(model: Any, path: str | os.PathLike, *, max_seq_len: int =
     """
     _require_executorch()
     import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+
+    with _stderr_to_devnull():  # importing the XNNPACK backend probes the CPU, logging on fd 2
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
 
     model = model.eval()
     num_layers = cache_layout(model)[0]
@@ -519,12 +611,84 @@ def export_executorch(model: Any, path: str | os.PathLike, *, max_seq_len: int =
     past = torch.export.Dim("past_sequence", min=0, max=max_seq_len)
     dynamic_shapes = {"input_ids": {1: seq}, "attention_mask": {1: torch.export.Dim.DYNAMIC},
                       "position_ids": {1: seq}, "past": [{2: past} for _ in range(2 * num_layers)]}
-    with _quiet_export(), torch.no_grad():
+    # _stderr_to_devnull: XNNPACK's cpuinfo writes probing chatter straight to fd 2
+    with _quiet_export(), torch.no_grad(), _stderr_to_devnull():
         exported = torch.export.export(_decoder_module(model), (ids, mask, pos, kv),
                                        dynamic_shapes=dynamic_shapes, strict=False)
         program = to_edge_transform_and_lower(exported,
                                               partitioner=[XnnpackPartitioner()]).to_executorch()
     return atomic_write_bytes(path, program.buffer)
+
+
+EXECUTORCH_CACHE_VERSION = "1"  # bump when export_executorch's graph changes
+
+
+_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "hidden_act", "rms_norm_eps", "rope_parameters", "rope_theta",
+                "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def _model_fingerprint(model: Any) -> str:
+    """sha256 of a model's architecture fields and every tensor's name, dtype, shape and bytes.
+
+    Only fields that change the computation count: the full config also holds run-time
+    settings that ``generate`` and the exporters change (``use_cache``, attention backend),
+    which must not change the key.
+    """
+    import hashlib
+
+    import torch
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    arch = {k: getattr(cfg, k, None) for k in _ARCH_FIELDS}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_executorch(model: Any, *, max_seq_len: int = 128,
+                      cache: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """The model's ``.pte`` from the course cache, exported on first use (lesson 06).
+
+    Lowering to XNNPACK takes tens of seconds, so the program is kept in
+    ``cache_dir()/deploy/executorch-<key>/model.pte``, keyed by the model's weights and
+    config, ``max_seq_len``, the torch and executorch versions and
+    :data:`EXECUTORCH_CACHE_VERSION`, with a manifest holding its sha256: a corrupt or
+    truncated file is exported again. Returns ``(path, built)``; ``built`` is True when this
+    call ran the export.
+    """
+    import hashlib
+    from importlib.metadata import version
+
+    import torch
+
+    from utils.paths import cache_dir
+
+    _require_executorch()
+    key = hashlib.sha256("|".join([_model_fingerprint(model), str(max_seq_len),
+                                   torch.__version__, version("executorch"),
+                                   EXECUTORCH_CACHE_VERSION]).encode()).hexdigest()[:16]
+    folder = Path(cache or cache_dir()) / "deploy" / f"executorch-{key}"
+    path, manifest = folder / "model.pte", folder / "manifest.json"
+    if path.is_file() and manifest.is_file():
+        try:
+            want = json.loads(manifest.read_text())["sha256"]
+        except (ValueError, KeyError):
+            want = None
+        if want == hashlib.sha256(path.read_bytes()).hexdigest():
+            return path, False
+    export_executorch(model, path, max_seq_len=max_seq_len)
+    atomic_write_json(manifest, {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                 "max_seq_len": max_seq_len, "torch": torch.__version__,
+                                 "executorch": version("executorch"),
+                                 "version": EXECUTORCH_CACHE_VERSION})
+    return path, True
 
 
 class ExecuTorchLM:
@@ -536,9 +700,9 @@ class ExecuTorchLM:
         if not path.is_file():
             raise FileNotFoundError(f"no ExecuTorch program at {path}: export it first with "
                                     f"utils.deploy.export_executorch(model, {str(path)!r})")
-        from executorch.runtime import Runtime
+        with _stderr_to_devnull():  # the runtime and XNNPACK's cpuinfo log to fd 2
+            from executorch.runtime import Runtime
 
-        with _stderr_to_devnull():
             runtime = Runtime.get()
             try:
                 self._program = runtime.load_program(str(path))
@@ -718,11 +882,10 @@ class _TorchRunner:
         silence_library_noise()
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        if int8:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.model = torch.ao.quantization.quantize_dynamic(
-                    self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        if int8:  # lesson 05's quantize_dynamic_int8: every Linear but the tied lm_head
+            from utils.quantize import quantize_dynamic_int8
+
+            self.model = quantize_dynamic_int8(self.model)
             self.bytes = _state_dict_bytes(self.model.state_dict())
         else:
             self.bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
@@ -750,15 +913,20 @@ class _TorchRunner:
         return torch.cat(tokens, 1).numpy(), t1 - t0, t2 - t1
 
 
-def _state_dict_bytes(state: Any) -> int:
+def _state_dict_bytes(state: Any, _seen: set | None = None) -> int:
     """Bytes of every tensor in a (possibly quantized) state dict, int8 weights at 1 byte."""
     import torch
 
     total = 0
+    seen = set() if _seen is None else _seen  # tied weights (embedding = lm_head) count once
     for value in state.values() if isinstance(state, dict) else state:
         if isinstance(value, (tuple, list)):
-            total += _state_dict_bytes(value)
+            total += _state_dict_bytes(value, seen)
         elif isinstance(value, torch.Tensor):
+            if not value.is_quantized:
+                if value.data_ptr() in seen:
+                    continue
+                seen.add(value.data_ptr())
             if value.is_quantized:
                 total += value.int_repr().numel() * value.element_size()
                 if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
@@ -908,7 +1076,7 @@ def benchmark_runtime(name: str, runtime: str, path: str | os.PathLike, input_id
     """Measure one runtime in a fresh Python process, so its memory is its own (lesson 06).
 
     ``runtime``: ``"pytorch"`` or ``"pytorch-int8"`` (``path``: a ``save_pretrained`` folder;
-    int8 = ``torch.ao.quantization.quantize_dynamic`` on load), ``"onnxruntime"`` (an ONNX
+    int8 = lesson 05's ``utils.quantize.quantize_dynamic_int8`` on load), ``"onnxruntime"`` (an ONNX
     decode graph, fp32 or int8) or ``"executorch"`` (a ``.pte`` from
     :func:`export_executorch`). The child generates ``max_new_tokens`` greedy tokens (no eos,
     so every runtime does the same work), batch 1, with 1 thread and with every core, and

@@ -499,6 +499,9 @@ def _distillation_trainer_class() -> Any:
         same code runs under ``torchrun`` / ``accelerate launch`` (DDP; each process holds a
         teacher copy). ``seed`` drives the on-policy coin flips (``random.Random(seed)``, the same
         sequence on every process). ``self.step_log`` keeps this process's per-step losses.
+        ``loss_fn(student_logits, teacher_logits, labels, temperature, alpha)``, when given, computes
+        the off-policy loss instead of :func:`lm_distillation_loss` (lesson 03 plugs the learner's
+        exercise 3.3 in here; it must be the forward-KL mix); the logged parts stay the library's.
         """
 
         # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
@@ -507,7 +510,7 @@ def _distillation_trainer_class() -> Any:
         def __init__(self, model: Any = None, args: Any = None, *, teacher_model: Any = None,
                      loss_type: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.5,
                      beta: float = 0.5, lmbda: float = 0.0, max_new_tokens: int = 32, seed: int = 0,
-                     teacher_tokenizer: Any = None, **kwargs: Any) -> None:
+                     teacher_tokenizer: Any = None, loss_fn: Any = None, **kwargs: Any) -> None:
             import random
 
             if teacher_model is None:
@@ -521,6 +524,10 @@ def _distillation_trainer_class() -> Any:
                     raise ValueError(f"{name} must be in [0, 1], got {value}.")
             if int(max_new_tokens) < 1:
                 raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+            if loss_fn is not None and (not callable(loss_fn) or loss_type != "forward_kl"):
+                raise ValueError("loss_fn must be a function (student_logits, teacher_logits, labels, "
+                                 "temperature, alpha) -> loss, used with loss_type='forward_kl'.")
+            self.loss_fn = loss_fn
             student_tokenizer = kwargs.get("processing_class")
             check_compatible(teacher_model, model,
                          student_tokenizer if teacher_tokenizer is None else teacher_tokenizer,
@@ -629,9 +636,16 @@ def _distillation_trainer_class() -> Any:
             # A student's own sample has no ground truth: on-policy batches use the KD term
             # alone (as GKD does); the hard-label term needs the dataset's answers.
             alpha = 1.0 if on_policy else self.alpha
-            loss, kd, ce = lm_distillation_loss(outputs.logits, teacher_logits, inputs["labels"],
-                                                self.temperature, alpha, loss_type=self.loss_type,
-                                                beta=self.beta, return_parts=True)
+            if self.loss_fn is not None and not on_policy:
+                loss = self.loss_fn(outputs.logits, teacher_logits, inputs["labels"],
+                                    self.temperature, alpha)
+                with torch.no_grad():  # the library's parts, for the logs only
+                    _, kd, ce = lm_distillation_loss(outputs.logits, teacher_logits, inputs["labels"],
+                                                     self.temperature, alpha, return_parts=True)
+            else:
+                loss, kd, ce = lm_distillation_loss(outputs.logits, teacher_logits, inputs["labels"],
+                                                    self.temperature, alpha, loss_type=self.loss_type,
+                                                    beta=self.beta, return_parts=True)
             if model.training:
                 self._pending["kd_loss"].append(float(kd.detach()))
                 self._pending["ce_loss"].append(float(ce.detach()))
@@ -684,7 +698,7 @@ def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_d
                max_length: int = 256, callbacks: list | None = None, output_dir: str | None = None,
                progress: bool = True, eval_batch_size: int = 64, min_lr_ratio: float = 0.1,
                gradient_accumulation_steps: int = 1, use_cpu: bool | None = None,
-               teacher_tokenizer: Any = None) -> DistillResult:
+               teacher_tokenizer: Any = None, loss_fn: Any = None) -> DistillResult:
     """Distil ``teacher`` into ``student`` on chat data: :func:`utils.train.train_lm`'s twin.
 
     Same data pipeline (``tokenize_chat``: labels on the assistant's tokens only;
@@ -692,7 +706,7 @@ def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_d
     distilled student and a student trained from scratch compare fairly; the loss is
     :class:`DistillationTrainer`'s. ``use_cpu=None`` trains on the CPU unless CUDA is
     available. The eval loss is the same distillation loss on ``eval_ds`` (off-policy).
-    Lesson 03.
+    ``loss_fn`` replaces the off-policy loss (see :class:`DistillationTrainer`). Lesson 03.
     """
     import tempfile
 
@@ -720,7 +734,7 @@ def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_d
             model=student, args=args, teacher_model=teacher, loss_type=loss_type,
             temperature=temperature, alpha=alpha, beta=beta, lmbda=lmbda,
             max_new_tokens=max_new_tokens, seed=seed, teacher_tokenizer=teacher_tokenizer,
-            train_dataset=train_tok, eval_dataset=eval_tok,
+            loss_fn=loss_fn, train_dataset=train_tok, eval_dataset=eval_tok,
             data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
             callbacks=callbacks)
         quiet_progress(trainer, progress)
@@ -732,3 +746,186 @@ def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_d
                          steps=trainer.state.global_step,
                          tokens_seen=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
                          step_log=list(trainer.step_log))
+
+
+# --------------------------------------------------------------------------------------
+# Lesson 03: named distilled students (the cache contract) and a fast, fixed score
+# --------------------------------------------------------------------------------------
+
+METHODS = ("sft", "forward_kl", "reverse_kl", "on_policy")
+# What each method of lesson 03 trains with. "sft" is utils.train.train_lm (no teacher at all);
+# "on_policy" is GKD (Agarwal et al. 2024) with MiniLLM's reverse KL: a share ``lmbda`` of the
+# batches are the student's own samples scored by the teacher. Everything else is shared.
+METHOD_LOSS = {"sft": None, "forward_kl": "forward_kl", "reverse_kl": "reverse_kl",
+               "on_policy": "reverse_kl"}
+DISTILL_RECIPE_VERSION = "1"  # bump when distill_recipe's training code changes what it builds
+DISTILL_DEFAULTS = {"steps": 200, "batch_size": 32, "lr": 3e-3, "temperature": 1.0,
+                    "alpha": 0.5, "lmbda": 0.5, "max_new_tokens": 48}
+
+__all__ += ["DISTILL_DEFAULTS", "METHODS", "METHOD_LOSS", "distill_recipe", "eval_subset",
+            "teacher_forced_exact_match", "top_k_table"]
+
+
+def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
+                   steps: int = DISTILL_DEFAULTS["steps"],
+                   batch_size: int = DISTILL_DEFAULTS["batch_size"],
+                   lr: float = DISTILL_DEFAULTS["lr"], seed: int = 0,
+                   temperature: float = DISTILL_DEFAULTS["temperature"],
+                   alpha: float = DISTILL_DEFAULTS["alpha"],
+                   lmbda: float = DISTILL_DEFAULTS["lmbda"],
+                   max_new_tokens: int = DISTILL_DEFAULTS["max_new_tokens"],
+                   name: str | None = None) -> Any:
+    """Register the recipe of a zoo student trained by ``method`` (lesson 03's contract).
+
+    ``method`` is one of :data:`METHODS`: ``"sft"`` (the data alone, :func:`utils.train.train_lm`),
+    ``"forward_kl"`` (Hinton/word-level KD), ``"reverse_kl"`` (MiniLLM's direction) or
+    ``"on_policy"`` (GKD: a share ``lmbda`` of the batches are the student's own samples, with the
+    reverse KL). All four see the same data, steps, optimiser, schedule and seed; the distilled
+    ones mix ``alpha * KD + (1 - alpha) * CE`` at ``temperature``. The defaults ARE lesson 03's
+    live configuration. The cache key covers the shape, every setting, the recipe version and
+    the sha256 of the tokenizer, the data manifest and the teacher's weights, so a new teacher
+    builds new students. ``load_model(recipe.name)`` builds once (with a progress bar), then
+    loads from the cache; the manifest's ``build_info`` holds ``train_seconds``.
+    """
+    from utils.models import (
+        ZOO,
+        _file_sha256_or_none,
+        build_model,
+        register_recipe,
+        teacher_dir,
+    )
+    from utils.paths import data_dir
+
+    if size not in ZOO or ZOO[size].target_ratio is None:
+        students = [n for n, e in ZOO.items() if e.target_ratio is not None]
+        raise ValueError(f"size must be a student of the zoo ({', '.join(students)}), got {size!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if int(steps) <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    _check_temperature(temperature)
+    for what, value in (("alpha", alpha), ("lmbda", lmbda)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{what} must be in [0, 1], got {value}.")
+    steps, batch_size, seed = int(steps), int(batch_size), int(seed)
+    loss_type = METHOD_LOSS[method]
+    # Settings that do not change what this method builds are left out of its key.
+    settings: dict[str, Any] = {"method": method, "steps": steps, "batch_size": batch_size,
+                                "lr": float(lr), "seed": seed}
+    if loss_type is not None:
+        settings.update(loss_type=loss_type, temperature=float(temperature), alpha=float(alpha))
+    if method == "on_policy":
+        settings.update(lmbda=float(lmbda), max_new_tokens=int(max_new_tokens))
+    tok_file = teacher_dir() / "tokenizer.json"
+    extra = {**settings,
+             "tokenizer_sha256": _file_sha256_or_none(tok_file),
+             "data_manifest_sha256": _file_sha256_or_none(data_dir() / "world" / "manifest.json"),
+             "teacher_sha256": (None if method == "sft" else
+                                _file_sha256_or_none(teacher_dir() / "model.safetensors"))}
+
+    def build(config: Any, progress: Any = None) -> tuple[Any, Any, dict]:
+        # The key was computed when the recipe was made; refuse to build from other files.
+        import utils.models as zoo
+        from utils.data import load_world
+        from utils.models import load_model
+        from utils.train import bar_callback, train_lm
+
+        now = {"tokenizer_sha256": zoo._file_sha256_or_none(tok_file),
+               "data_manifest_sha256": zoo._file_sha256_or_none(data_dir() / "world" / "manifest.json")}
+        if method != "sft":
+            now["teacher_sha256"] = zoo._file_sha256_or_none(teacher_dir() / "model.safetensors")
+        changed = [k for k, v in now.items() if extra[k] != v]
+        if changed:
+            raise RuntimeError(f"the teacher, tokenizer or data changed on disk since this recipe was "
+                               f"made ({', '.join(changed)}): call distill_recipe(...) again so the "
+                               "cache key matches what would be built.")
+        bar = bar_callback(progress, steps)
+        teacher, tokenizer = load_model("teacher", verbose=False, progress=False)
+        student = build_model(config, seed=seed)
+        train = load_world("train")
+        common = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False,
+                      callbacks=[bar])
+        if loss_type is None:
+            result = train_lm(student, tokenizer, train, None, **common)
+        else:
+            result = distill_lm(student, teacher, tokenizer, train, None, loss_type=loss_type,
+                                temperature=temperature, alpha=alpha,
+                                lmbda=float(lmbda) if method == "on_policy" else 0.0,
+                                max_new_tokens=max_new_tokens, **common)
+        losses = result.train_losses
+        info = {"train_seconds": round(result.train_seconds, 2), "steps": result.steps,
+                "tokens_seen": result.tokens_seen,
+                "final_train_loss": losses[-1][1] if losses else None,
+                "torch_threads": torch.get_num_threads(), **settings}
+        if isinstance(result, DistillResult):
+            info["on_policy_steps"] = result.on_policy_steps
+        return student, tokenizer, info
+
+    label = {"sft": "trained on the data alone (SFT)", "forward_kl": "distilled with forward KL",
+             "reverse_kl": "distilled with reverse KL",
+             "on_policy": f"distilled on-policy (GKD, lmbda={lmbda:g}, reverse KL)"}[method]
+    return register_recipe(name or f"{size}-{method.replace('_', '-')}-seed{seed}", size, build,
+                           DISTILL_RECIPE_VERSION,
+                           description=f"{size} {label} for {steps} steps, seed {seed}",
+                           extra=extra)
+
+
+def eval_subset(n: int = 200, split: str = "test") -> list[dict]:
+    """A fixed, deterministic evaluation set: every k-th skill record of ``split`` (``n`` of them).
+
+    The same subset as lesson 05 (``k = len(skill records) // n``), so scores compare across
+    lessons. Lesson 03.
+    """
+    from utils.data import read_split
+
+    skills = [r for r in read_split(split) if r["kind"] == "skill" and r.get("answer") is not None]
+    if not 0 < n <= len(skills):
+        raise ValueError(f"n must be between 1 and {len(skills)} (the skill records of {split}), got {n}")
+    return skills[::len(skills) // n][:n]
+
+
+@torch.no_grad()
+def teacher_forced_exact_match(model: Any, tokenizer: Any, records: list[dict], *,
+                               batch_size: int = 100) -> dict[str, Any]:
+    """Greedy exact match in one teacher-forced pass: ``{"score", "hits", "token_accuracy",
+    "perplexity", "n"}``.
+
+    A record counts when the model's argmax reproduces every token of the reference response
+    (and its end token): exactly the condition under which greedy decoding writes the
+    reference, so it is a slightly strict exact match (another wording of the right answer does
+    not count), at the cost of one forward pass instead of a generation loop (lesson 05 uses it
+    too and cross-checks it against generation). ``hits`` is one bool per record;
+    ``token_accuracy`` the share of answer tokens whose argmax is right (a finer signal while the
+    whole-answer score is still near 0). Lesson 03.
+    """
+    from utils.train import PadCollator, tokenize_chat
+
+    if not records:
+        raise ValueError("records is empty: pass eval_subset(n) or a list of skill records.")
+    enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, 256)
+    feats = [{"input_ids": i, "attention_mask": a, "labels": lab}
+             for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"], strict=True)]
+    collate = PadCollator(tokenizer.pad_token_id)
+    model.eval()
+    hits: list[bool] = []
+    nll, n_tok, n_right = 0.0, 0, 0
+    for start in range(0, len(feats), batch_size):
+        b = collate(feats[start:start + batch_size])
+        b = {k: v.to(model.device) for k, v in b.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, labels, mask = shift_for_next_token(logits.float(), b["labels"])  # (B, T-1, V)
+        right = logits.argmax(-1) == labels                                        # (B, T-1)
+        hits += (right | ~mask).all(-1).tolist()
+        n_right += int((right & mask).sum())
+        nll += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        n_tok += int(mask.sum())
+    return {"score": sum(hits) / len(hits), "hits": hits, "token_accuracy": n_right / n_tok,
+            "perplexity": math.exp(nll / n_tok), "n": len(hits)}
+
+
+def top_k_table(logits: Tensor, tokenizer: Any, k: int = 5, temperature: float = 1.0
+                ) -> list[tuple[str, float]]:
+    """The ``k`` most likely tokens of one (V,) logit vector and their probabilities. Lesson 03."""
+    probs = softmax_with_temperature(logits.float(), temperature)
+    p, idx = probs.topk(k)
+    return [(tokenizer.convert_ids_to_tokens(int(i)), float(q)) for q, i in zip(p, idx, strict=True)]

@@ -13,6 +13,10 @@ What an attacker can do with nothing but an OpenAI-compatible endpoint (``utils.
 - Carlini et al. (2024), "Stealing part of a production language model":
   :func:`hidden_size_from_logits` reads the hidden size off the singular values of stacked
   full logit vectors.
+- End to end (lesson 04): :func:`skill_prompts` (ordinary tasks only), :func:`cached_harvest`
+  (start the API on the teacher, harvest, stop it; answers cached on disk),
+  :func:`distill_from_topk` (a ``Trainer`` with :func:`sparse_kd_loss`), :func:`blackbox_recipe`
+  (a cached student distilled through the API) and :func:`blackbox_fidelity`.
 
 Why the SVD works, and h versus h-1 versus h+1. A decoder ends with ``logits = W x`` where
 ``x`` is the final hidden state (h numbers, after the final norm) and ``W`` the (V, h)
@@ -126,7 +130,8 @@ def retry_after_seconds(error: Exception, default: float = 1.0) -> float:
 def harvest(client: Any, prompts: Iterable[str | Sequence[dict[str, str]]], *, budget: int,
             top_logprobs: int | None = None, max_tokens: int = 32, model: str | None = None,
             temperature: float = 0.0, seed: int | None = 0, max_waits: int = 20,
-            max_wait_seconds: float = 10.0) -> list[HarvestRecord]:
+            max_wait_seconds: float = 10.0, extra_body: dict | None = None,
+            progress: Any = None) -> list[HarvestRecord]:
     """Query the teacher once per prompt, never more than ``budget`` answered queries.
 
     - ``top_logprobs``: ask for logprobs with this many alternatives (``None``: text only).
@@ -134,6 +139,8 @@ def harvest(client: Any, prompts: Iterable[str | Sequence[dict[str, str]]], *, b
       as long as the server asks and retries the same prompt, at most ``max_waits`` times.
     - A quota 429 (``insufficient_quota``) ends the harvest: what was collected is returned.
     - Any other API error (e.g. a 400 because the API refuses logprobs) propagates.
+    ``extra_body`` adds server-specific fields (e.g. vLLM's ``{"min_tokens": 200}``);
+    ``progress`` is an optional tqdm bar updated once per answered query.
     Only answered queries count against ``budget``. Introduced in lesson 04.
     """
     import openai
@@ -145,6 +152,8 @@ def harvest(client: Any, prompts: Iterable[str | Sequence[dict[str, str]]], *, b
     extra: dict[str, Any] = {}
     if top_logprobs is not None:
         extra = {"logprobs": True, "top_logprobs": int(top_logprobs)}
+    if extra_body:
+        extra["extra_body"] = dict(extra_body)
     records: list[HarvestRecord] = []
     for prompt in prompts:
         if len(records) >= budget:
@@ -162,6 +171,8 @@ def harvest(client: Any, prompts: Iterable[str | Sequence[dict[str, str]]], *, b
                 time.sleep(min(retry_after_seconds(err), max_wait_seconds))
                 continue
             records.append(record_from_response(prompt, response))
+            if progress is not None:
+                progress.update(1)
             break
     return records
 
@@ -210,8 +221,13 @@ class SoftTargets:
 
 
 def soft_targets_from_records(records: Sequence[HarvestRecord], tokenizer: Any, *,
-                              k: int | None = None) -> SoftTargets:
-    """Build :class:`SoftTargets` from harvested records (requested with top_logprobs)."""
+                              k: int | None = None, stop_token: bool = False) -> SoftTargets:
+    """Build :class:`SoftTargets` from harvested records (requested with top_logprobs).
+
+    ``stop_token=True``: when the teacher stopped by itself (``finish_reason == "stop"``),
+    append the end token with a one-hot target (APIs report no logprob for it), so the
+    student also learns when to stop.
+    """
     if not records:
         raise ValueError("no records: harvest some answers first")
     k = k or max((len(t) for r in records for t in r.top_logprobs), default=0)
@@ -222,8 +238,13 @@ def soft_targets_from_records(records: Sequence[HarvestRecord], tokenizer: Any, 
     for r in records:
         p = prompt_ids(r.messages, tokenizer)
         resp = [token_to_id(t, tokenizer) for t in r.tokens]
+        tops = list(r.top_logprobs)
+        eos = tokenizer.eos_token_id
+        if stop_token and r.finish_reason == "stop" and eos is not None:
+            resp.append(int(eos))
+            tops.append({tokenizer.convert_ids_to_tokens(int(eos)): 0.0})
         seqs.append(p + resp)
-        rows.append((len(p), r.top_logprobs))
+        rows.append((len(p), tops))
     T = max(len(s) for s in seqs)
     B = len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -456,3 +477,333 @@ def logprob_matrix(records: Sequence[HarvestRecord], *, position: int = 0,
         floor = min(row.values())
         m[i] = [row.get(t, floor) for t in vocab]
     return m, vocab
+
+
+# ----------------------------------------------------------------------------------------
+# Lesson 04's attack end to end: prompts, a cached harvest, students, fidelity
+
+BLACKBOX_RECIPE_VERSION = "1"  # bump when blackbox_recipe's harvest or training code changes
+HARVEST_CACHE_VERSION = "2"  # bump when cached_harvest's file layout or querying changes
+
+Granularity = Literal["text", "topk"]
+WATERMARK_BIAS = 5.0  # lesson 04's watermark strength (transformers' default is 2.0)
+
+
+def watermark_config(bias: float = WATERMARK_BIAS, greenlist_ratio: float = 0.25) -> Any:
+    """Lesson 04's ``transformers.WatermarkingConfig``: lefthash, context 1, key 15485863.
+
+    The bias is 2.5 times transformers' default (Kirchenbauer et al. test 0.5 to 10): the
+    course's teacher is so sure of itself (perplexity near 1) that a bias of 2 barely moves
+    its samples (lesson 04 measures what the stronger bias costs).
+    """
+    from transformers import WatermarkingConfig
+
+    return WatermarkingConfig(greenlist_ratio=greenlist_ratio, bias=bias)
+
+
+def skill_prompts(split: str = "train", n: int | None = None, *, seed: int = 0) -> list[str]:
+    """The user prompts of the world's *skill* records (no safety prompts), shuffled by ``seed``.
+
+    What an attacker who wants the teacher's skills would ask: ordinary tasks only.
+    """
+    import random
+
+    from utils.data import read_split
+
+    prompts = [r["messages"][0]["content"] for r in read_split(split) if r["kind"] == "skill"]
+    random.Random(seed).shuffle(prompts)
+    return prompts if n is None else prompts[:n]
+
+
+def _sha256_file(path: Any) -> str | None:
+    import hashlib
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_fingerprint() -> dict[str, str | None]:
+    """sha256 of the shipped teacher's weights, its tokenizer and the world's data manifest."""
+    from utils.models import teacher_dir
+    from utils.paths import data_dir
+
+    t = teacher_dir()
+    return {"teacher_sha256": _sha256_file(t / "model.safetensors"),
+            "tokenizer_sha256": _sha256_file(t / "tokenizer.json"),
+            "data_manifest_sha256": _sha256_file(data_dir() / "world" / "manifest.json")}
+
+
+def defences_key(defences: Any) -> dict[str, Any]:
+    """A JSON-able description of :class:`utils.serve.Defences` (for cache keys)."""
+    d = {k: getattr(defences, k) for k in ("max_top_logprobs", "logprobs_enabled",
+                                            "round_decimals", "noise", "noise_scale")}
+    wm = getattr(defences, "watermark", None)
+    d["watermark"] = None if wm is None else (wm if isinstance(wm, dict) else wm.to_dict())
+    return d
+
+
+def harvest_cache_path(*, top_logprobs: int | None = None, max_tokens: int = 48,
+                       min_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
+                       defences: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Where :func:`cached_harvest` keeps the answers for these settings, and its key payload."""
+    import hashlib
+    import json
+
+    from utils.paths import cache_dir
+    from utils.serve import Defences
+
+    defences = defences if defences is not None else Defences()
+    payload = {"version": HARVEST_CACHE_VERSION, **teacher_fingerprint(),
+               "top_logprobs": top_logprobs, "max_tokens": max_tokens, "min_tokens": min_tokens,
+               "temperature": temperature, "seed": seed, "defences": defences_key(defences)}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_dir() / "harvests" / f"{key[:16]}.json", payload
+
+
+def cached_harvest(prompts: Sequence[str], *, budget: int, top_logprobs: int | None = None,
+                   max_tokens: int = 48, min_tokens: int | None = None,
+                   temperature: float = 0.0, seed: int = 0, defences: Any = None,
+                   model: Any = None, tokenizer: Any = None, progress: bool = True,
+                   ) -> list[HarvestRecord]:
+    """The teacher's answers to ``prompts[:budget]`` through its real API, cached on disk.
+
+    Prompts not answered before are sent to :func:`utils.serve.start_server` on the teacher
+    (127.0.0.1, a key with exactly as many queries as are missing) with :func:`harvest` and
+    the official ``openai`` client; the server is stopped afterwards. Answers are stored per
+    prompt in one JSON file per setting (``cache_dir()/harvests/``), keyed by the teacher's
+    weights, tokenizer and data (sha256), the query settings and the defences. Every request
+    carries the same ``seed``, so an answer does not depend on which prompts came before: a
+    larger budget or another prompt list only queries what is missing.
+    """
+    import json
+
+    from utils.io import atomic_write_json
+    from utils.serve import Defences, ServerConfig, start_server
+
+    defences = defences if defences is not None else Defences()
+    prompts = list(prompts)
+    if budget > len(prompts):
+        raise ValueError(f"budget {budget} > {len(prompts)} prompts: give more prompts")
+    path, payload = harvest_cache_path(top_logprobs=top_logprobs, max_tokens=max_tokens,
+                                       min_tokens=min_tokens, temperature=temperature,
+                                       seed=seed, defences=defences)
+    wanted = prompts[:budget]
+
+    def key(prompt: Any) -> str:
+        return json.dumps(as_messages(prompt), sort_keys=True)
+
+    cache: dict[str, dict] = {}
+    if path.is_file():
+        try:
+            cache = dict(json.loads(path.read_text())["records"])
+        except (ValueError, KeyError, TypeError):
+            cache = {}  # unreadable: harvest again
+    missing = list(dict.fromkeys(p for p in wanted if key(p) not in cache))
+    if missing:
+        if model is None or tokenizer is None:
+            from utils.models import load_model
+
+            model, tokenizer = load_model("teacher", verbose=False)
+        from tqdm.auto import tqdm
+
+        config = ServerConfig(api_keys={"sk-harvest": len(missing)}, defences=defences,
+                              max_tokens_limit=max(256, max_tokens))
+        extra = {"min_tokens": int(min_tokens)} if min_tokens else None
+        bar = tqdm(total=len(missing), leave=False, disable=not progress,
+                   desc="querying the teacher API (first use, cached afterwards)")
+        with start_server(model, tokenizer, config) as server:
+            new = harvest(server.client("sk-harvest"), missing, budget=len(missing),
+                          top_logprobs=top_logprobs, max_tokens=max_tokens,
+                          temperature=temperature, seed=seed, extra_body=extra, progress=bar)
+        bar.close()
+        cache.update({key(r.messages): r.to_dict() for r in new})
+        atomic_write_json(path, {**payload, "records": cache})
+    return [HarvestRecord(**cache[key(p)]) for p in wanted if key(p) in cache]
+
+
+def _sparse_kd_trainer_class() -> Any:
+    """A ``transformers.Trainer`` whose loss is :func:`sparse_kd_loss` (built on first use)."""
+    from transformers import Trainer
+
+    class SparseKDTrainer(Trainer):
+        """Token-level KD from an API's top-k logprobs: no teacher model, only its records."""
+
+        loss_is_scaled_for_ga = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            loss = sparse_kd_loss(out.logits, inputs["topk_ids"], inputs["topk_logprobs"],
+                                  inputs["target_mask"])
+            return (loss, out) if return_outputs else loss
+
+    return SparseKDTrainer
+
+
+def _collate_soft(features: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    width = max(int(f["attention_mask"].sum()) for f in features)
+    return {k: torch.stack([f[k][:width] for f in features]) for k in features[0]}
+
+
+def distill_from_topk(student: Any, tokenizer: Any, records: Sequence[HarvestRecord], *,
+                      max_steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+                      callbacks: list | None = None) -> Any:
+    """Train ``student`` on harvested top-k logprobs with :func:`sparse_kd_loss` (lesson 04).
+
+    Same optimiser, schedule and step budget as :func:`utils.train.train_lm`, so a top-k
+    student and a text-only student compare fairly. Returns a ``TrainResult``.
+    """
+    import tempfile
+
+    from utils.train import TrainResult, lm_training_arguments, quiet_progress
+
+    t = soft_targets_from_records(records, tokenizer, stop_token=True)
+    rows = [{"input_ids": t.input_ids[i], "attention_mask": t.attention_mask[i],
+             "topk_ids": t.topk_ids[i], "topk_logprobs": t.topk_logprobs[i],
+             "target_mask": t.target_mask[i]} for i in range(len(t.input_ids))]
+    with tempfile.TemporaryDirectory(prefix="dd-topk-") as tmp:
+        args = lm_training_arguments(
+            tmp, max_steps=max_steps, batch_size=batch_size, eval_batch_size=batch_size, lr=lr,
+            weight_decay=0.01, warmup_steps=0.03, scheduler="cosine", min_lr_ratio=0.1,
+            has_eval=False, eval_steps=None, logging_steps=None, seed=seed, use_cpu=True,
+            progress=False, include_num_input_tokens_seen="no")
+        trainer = _sparse_kd_trainer_class()(model=student, args=args, train_dataset=rows,
+                                             data_collator=_collate_soft, callbacks=callbacks)
+        quiet_progress(trainer, False)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    student.eval()
+    return TrainResult(log_history=list(trainer.state.log_history), train_seconds=seconds,
+                       steps=trainer.state.global_step)
+
+
+def blackbox_recipe(*, queries: int = 192, granularity: Granularity = "text", seed: int = 0,
+                    watermark: bool = False, watermark_bias: float = WATERMARK_BIAS,
+                    size: str = "student-xxs", steps: int = 150,
+                    batch_size: int = 32, lr: float = 3e-3, top_k: int | None = 10,
+                    max_tokens: int = 48, min_tokens: int | None = None,
+                    temperature: float = 0.0, name: str | None = None) -> Any:
+    """Register a student distilled from the teacher *through its API* (lesson 04).
+
+    The build harvests ``queries`` answers to ordinary skill prompts (train split, never a
+    safety prompt) from the teacher served on 127.0.0.1 (:func:`cached_harvest`: start the
+    API, query with the ``openai`` client, stop it), then trains zoo size ``size`` from
+    scratch for ``steps`` steps:
+
+    - ``granularity="text"``: sequence-level KD, SFT on the answers' text
+      (:func:`utils.train.train_lm`; Kim & Rush 2016, the DeepSeek-R1-distill recipe);
+    - ``granularity="topk"``: token-level KD on the top-``top_k`` logprobs
+      (:func:`distill_from_topk` with :func:`sparse_kd_loss`).
+
+    ``top_k`` is what the harvest asks for; ``granularity`` what the student learns from. With
+    the same ``top_k`` a text student and a top-k student share one harvest (the same answers:
+    only the granularity differs); ``top_k=None`` harvests text only (text students).
+
+    ``watermark=True`` puts a Kirchenbauer et al. (2023) watermark on the API
+    (:func:`watermark_config` with ``watermark_bias``). The cache key covers every argument, the tokenizer's, the data
+    manifest's and the teacher weights' sha256. ``load_model(recipe.name)`` builds once.
+    """
+    from utils.models import ZOO, register_recipe
+
+    if granularity not in ("text", "topk"):
+        raise ValueError(f"granularity must be 'text' or 'topk', got {granularity!r}")
+    if size not in ZOO or ZOO[size].target_ratio is None:
+        raise ValueError(f"size must be a zoo student, got {size!r}")
+    if queries < 1:
+        raise ValueError(f"queries must be >= 1, got {queries}")
+    if granularity == "topk" and not top_k:
+        raise ValueError("granularity='topk' needs top_k >= 1 logprobs per token")
+    k = top_k
+    extra = {"queries": queries, "granularity": granularity, "top_k": k, "seed": seed,
+             "watermark": watermark_bias if watermark else None, "steps": steps, "batch_size": batch_size, "lr": lr,
+             "max_tokens": max_tokens, "min_tokens": min_tokens, "temperature": temperature,
+             **teacher_fingerprint()}
+
+    def build(config: Any, progress: Any = None) -> tuple[Any, Any, dict]:
+        from utils.models import build_model, load_model
+        from utils.serve import Defences
+        from utils.train import bar_callback
+
+        teacher, tokenizer = load_model("teacher", verbose=False)
+        defences = Defences(watermark=watermark_config(watermark_bias) if watermark else None)
+        # the whole shuffled prompt list: every budget is a prefix of one cached harvest
+        records = cached_harvest(skill_prompts("train", seed=seed), budget=queries,
+                                 top_logprobs=k, max_tokens=max_tokens, min_tokens=min_tokens,
+                                 temperature=temperature, seed=seed, defences=defences,
+                                 model=teacher, tokenizer=tokenizer, progress=False)
+
+
+        bar = bar_callback(progress, steps)
+        student = build_model(config, seed=seed)
+        if granularity == "text":
+            from datasets import Dataset
+
+            from utils.train import train_lm
+
+            result = train_lm(student, tokenizer, Dataset.from_list(sft_examples(records)),
+                              max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                              progress=False, callbacks=[bar], max_length=256)
+        else:
+            result = distill_from_topk(student, tokenizer, records, max_steps=steps,
+                                       batch_size=batch_size, lr=lr, seed=seed,
+                                       callbacks=[bar])
+        losses = result.train_losses
+        info = {"queries_answered": len(records), "train_seconds": round(result.train_seconds, 2),
+                "completion_tokens": sum(r.completion_tokens for r in records),
+                "final_train_loss": losses[-1][1] if losses else None}
+        return student, tokenizer, info
+
+    wm = "-wm" if watermark else ""
+    default = f"{size}-blackbox-{granularity}-q{queries}{wm}-s{seed}"
+    return register_recipe(name or default, size, build, BLACKBOX_RECIPE_VERSION,
+                           description=f"{size} distilled through the API from {queries} "
+                                       f"{granularity} answers", extra=extra)
+
+
+@torch.no_grad()
+def teacher_reference(teacher: Any, tokenizer: Any, records: Sequence[dict], *,
+                      max_new_tokens: int = 48) -> dict[str, Any]:
+    """The teacher's greedy answers to evaluation records, tokenised for teacher forcing.
+
+    Returns ``{"texts", "batch", "logits"}``: ``batch`` holds prompt + answer ids with
+    ``labels`` on the answer (as :func:`sequence_kd_batch`), ``logits`` the teacher's (B, T, V).
+    """
+    from utils.evaluate import generate_responses
+
+    texts = generate_responses(teacher, tokenizer, [r["messages"] for r in records],
+                               max_new_tokens=max_new_tokens)
+    fake = [HarvestRecord(messages=as_messages(r["messages"][0]["content"]), text=t,
+                          finish_reason="stop") for r, t in zip(records, texts, strict=True)]
+    batch = sequence_kd_batch(fake, tokenizer)
+    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return {"texts": texts, "batch": batch, "logits": logits}
+
+
+@torch.no_grad()
+def blackbox_fidelity(student: Any, tokenizer: Any, records: Sequence[dict],
+                      reference: dict[str, Any], *, max_new_tokens: int = 48) -> dict[str, float]:
+    """Fidelity of a student to the teacher on held-out records (lesson 04).
+
+    ``top1_agreement``, ``kl`` and ``tv``: teacher-forced on the teacher's greedy answers
+    (:func:`teacher_reference`), next-token distributions compared at every answer token;
+    ``greedy_exact_match``: the student's greedy answer equals the teacher's, character for
+    character; ``score``: the student's task exact match against the world's answers.
+    """
+    from utils.evaluate import generate_responses, score_records
+
+    batch = reference["batch"]
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["labels"][:, 1:] != -100  # logits at t predict the token at t + 1
+    dense = fidelity_dense(reference["logits"][:, :-1], logits[:, :-1], mask)
+    texts = generate_responses(student, tokenizer, [r["messages"] for r in records],
+                               max_new_tokens=max_new_tokens)
+    rows = score_records(list(records), texts)
+    return {**dense, "greedy_exact_match": greedy_exact_match(texts, reference["texts"]),
+            "score": sum(r["correct"] for r in rows) / len(rows)}

@@ -734,24 +734,17 @@ def scratch_recipe(size: str = "student-xs", *, steps: int = 300, batch_size: in
              "data_manifest_sha256": _file_sha256_or_none(data_dir() / "world" / "manifest.json")}
 
     def build(config: ModelConfig, progress: Any = None) -> tuple[PreTrainedModel, Any, dict]:
-        from transformers import TrainerCallback
-
         from utils.data import load_world
         from utils.tokenizer import load_tokenizer
-        from utils.train import train_lm
+        from utils.train import bar_callback, train_lm
 
-        class _Bar(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if progress is not None:
-                    progress.update(1)
 
-        if progress is not None:
-            progress.reset(total=steps)  # also resizes a notebook (widget) bar
+        bar = bar_callback(progress, steps)
         tokenizer = load_tokenizer(tok_dir)
         model = build_model(config, seed=seed)
         result = train_lm(model, tokenizer, load_world("train"), None, max_steps=steps,
                           batch_size=batch_size, lr=lr, seed=seed, progress=False,
-                          callbacks=[_Bar()])
+                          callbacks=[bar])
         losses = result.train_losses
         info = {"train_seconds": round(result.train_seconds, 2), "steps": result.steps,
                 "tokens_seen": result.tokens_seen,

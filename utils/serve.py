@@ -11,6 +11,9 @@ official ``openai`` client and runs unchanged against vLLM, llama.cpp's server o
                                    top_logprobs=5, max_tokens=16)
     handle.stop()
 
+``min_tokens`` (vLLM's extension, sent with ``extra_body={"min_tokens": n}``) keeps the model
+from stopping before n tokens: lesson 04 uses it for long answers to watermark.
+
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/usage`` (this
 server's own: budget used and left, requests
 seen including rejected ones). Every answer to a valid key carries the headers
@@ -144,6 +147,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[_Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension (extra_body)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
@@ -279,6 +283,8 @@ class _Engine:
             max_new_tokens=max_new, return_dict_in_generate=True, output_logits=True,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
             eos_token_id=eos)
+        if req.min_tokens:
+            kwargs["min_new_tokens"] = req.min_tokens  # the end token is masked until then
         if req.temperature > 0:
             kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
         else:
@@ -383,6 +389,9 @@ def create_app(model, tokenizer, config: ServerConfig | None = None):
             raise APIError(400, f"max_tokens is too large: {max_new}. This model supports at "
                                 f"most {config.max_tokens_limit} completion tokens.", bad,
                            "invalid_value", "max_tokens")
+        if req.min_tokens is not None and req.min_tokens > max_new:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must be at most max_tokens "
+                                f"({max_new}).", bad, "invalid_value", "min_tokens")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "logprobs must be set to true if top_logprobs is used.", bad,
                            "invalid_value", "top_logprobs")

@@ -159,6 +159,25 @@ def quiet_progress(trainer, progress: bool) -> None:
         trainer.add_callback(_QuietProgress)
 
 
+def bar_callback(progress: Any, total: int):
+    """A ``TrainerCallback`` that advances a recipe's tqdm bar one step per optimizer step.
+
+    ``progress`` is the bar :func:`utils.models.load_model` hands a recipe (or ``None``: then
+    the callback does nothing); it is reset to ``total`` steps here, which also resizes a
+    notebook (widget) bar.
+    """
+    from transformers import TrainerCallback
+
+    class _Bar(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if progress is not None:
+                progress.update(1)
+
+    if progress is not None:
+        progress.reset(total=total)
+    return _Bar()
+
+
 def train_lm(model, tokenizer, train_ds, eval_ds=None, *, max_steps: int, batch_size: int = 32,
              lr: float = 3e-3, seed: int = 0, warmup_steps: float = 0.03, weight_decay: float = 0.01,
              scheduler: str = "cosine", eval_steps: int | None = None, logging_steps: int | None = None,

@@ -1,0 +1,188 @@
+"""Lesson 04's additions: min_tokens on the API, the cached harvest, top-k KD training,
+blackbox_recipe's cache key, the skill-only prompts and the fidelity report.
+
+Every server is started and stopped inside the test (tiny model, tiny tokenizer) and the
+module ends by asserting that none is left running.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from _tiny_chat import CORPUS, tiny_model
+
+from utils import extraction
+from utils.extraction import (
+    HarvestRecord,
+    blackbox_fidelity,
+    blackbox_recipe,
+    cached_harvest,
+    distill_from_topk,
+    harvest,
+    skill_prompts,
+    soft_targets_from_records,
+    sparse_kd_loss,
+    teacher_reference,
+    watermark_config,
+)
+from utils.serve import Defences, ServerConfig, start_server
+
+pytestmark = pytest.mark.usefixtures("no_server_left_behind")
+
+KEY = "sk-student"
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = sorted({w for line in CORPUS for w in line.split()})
+    return [" ".join(rng.choice(words, size=5)) for _ in range(n)]
+
+
+def test_min_tokens_extension_and_its_400(teacher, tok):
+    with start_server(teacher, tok, ServerConfig(api_keys={KEY: 10})) as h:
+        client = h.client(KEY)
+        r = client.chat.completions.create(model=h.model_name, max_tokens=12, temperature=1.0,
+                                           seed=0, extra_body={"min_tokens": 12},
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+        bad = httpx.post(h.base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"model": h.model_name, "max_tokens": 4, "min_tokens": 5,
+                               "messages": [{"role": "user", "content": "hi"}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "min_tokens"
+        recs = harvest(client, ["a b", "c d"], budget=2, max_tokens=6, temperature=1.0,
+                       extra_body={"min_tokens": 6})
+        assert [r.completion_tokens for r in recs] == [6, 6]
+
+
+def test_cached_harvest_queries_once_then_extends(teacher, tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("DD_CACHE_DIR", str(tmp_path))
+    ps = prompts(6)
+    first = cached_harvest(ps, budget=3, top_logprobs=3, max_tokens=4, model=teacher,
+                           tokenizer=tok, progress=False)
+    assert len(first) == 3 and all(len(t) == 3 for t in first[0].top_logprobs)
+    files = list((tmp_path / "harvests").glob("*.json"))
+    assert len(files) == 1 and len(json.loads(files[0].read_text())["records"]) == 3
+
+    started = []
+    import utils.serve as serve
+
+    original = serve.start_server
+
+    def counting_start(model, tokenizer, config, **kw):
+        started.append(dict(config.api_keys))
+        return original(model, tokenizer, config, **kw)
+
+    monkeypatch.setattr(serve, "start_server", counting_start)
+    again = cached_harvest(ps, budget=2, top_logprobs=3, max_tokens=4, model=teacher,
+                           tokenizer=tok, progress=False)
+    assert started == [] and [r.text for r in again] == [r.text for r in first[:2]]
+    more = cached_harvest(ps, budget=5, top_logprobs=3, max_tokens=4, model=teacher,
+                          tokenizer=tok, progress=False)
+    assert started == [{"sk-harvest": 2}]  # only the two missing prompts were queried
+    assert [r.text for r in more[:3]] == [r.text for r in first] and len(more) == 5
+    # other settings (defences) are another cache entry
+    cached_harvest(ps, budget=1, top_logprobs=3, max_tokens=4, model=teacher, tokenizer=tok,
+                   defences=Defences(round_decimals=1), progress=False)
+    assert len(list((tmp_path / "harvests").glob("*.json"))) == 2
+    with pytest.raises(ValueError, match="budget 9 > 6 prompts"):
+        cached_harvest(ps, budget=9, model=teacher, tokenizer=tok)
+
+
+def test_stop_token_adds_a_one_hot_end_target(teacher, tok):
+    a, b, c = tok.convert_ids_to_tokens(tok("the end a", add_special_tokens=False)["input_ids"])[:3]
+    rec = HarvestRecord(messages=[{"role": "user", "content": "hi"}], text="the end",
+                        tokens=[a, b], logprobs=[-0.1, -0.2],
+                        top_logprobs=[{a: -0.1, c: -2.5}, {b: -0.2}], finish_reason="stop")
+    plain = soft_targets_from_records([rec], tok)
+    stop = soft_targets_from_records([rec], tok, stop_token=True)
+    assert int(stop.target_mask.sum()) == int(plain.target_mask.sum()) + 1
+    last = int(stop.target_mask[0].nonzero()[-1, 0])
+    assert int(stop.topk_ids[0, last, 0]) == tok.eos_token_id
+    assert float(stop.topk_logprobs[0, last, 0]) == 0.0
+    assert int(stop.input_ids[0, last + 1]) == tok.eos_token_id
+
+
+def test_distill_from_topk_lowers_the_sparse_kd_loss(teacher, tok):
+    with start_server(teacher, tok, ServerConfig(api_keys={KEY: 20})) as h:
+        recs = harvest(h.client(KEY), prompts(12), budget=12, top_logprobs=5, max_tokens=6)
+    targets = soft_targets_from_records(recs, tok, stop_token=True)
+    student = tiny_model(tok, hidden_size=16, seed=3)
+
+    def loss() -> float:
+        with torch.no_grad():
+            logits = student(input_ids=targets.input_ids,
+                             attention_mask=targets.attention_mask).logits
+        return float(sparse_kd_loss(logits, targets.topk_ids, targets.topk_logprobs,
+                                    targets.target_mask))
+
+    before = loss()
+    result = distill_from_topk(student, tok, recs, max_steps=30, batch_size=12, lr=1e-2)
+    assert result.steps == 30 and loss() < 0.7 * before
+
+
+def test_blackbox_recipe_key_covers_its_settings():
+    a = blackbox_recipe(queries=8, granularity="text")
+    b = blackbox_recipe(queries=8, granularity="topk")
+    c = blackbox_recipe(queries=8, granularity="text", watermark=True)
+    d = blackbox_recipe(queries=9, granularity="text")
+    assert len({a.key(), b.key(), c.key(), d.key()}) == 4
+    assert len({a.name, b.name, c.name, d.name}) == 4
+    assert a.extra["teacher_sha256"] and a.extra["tokenizer_sha256"]
+    assert a.extra["data_manifest_sha256"]
+    assert blackbox_recipe(queries=8, granularity="text").key() == a.key()  # deterministic
+    with pytest.raises(ValueError, match="granularity"):
+        blackbox_recipe(granularity="logits")
+    with pytest.raises(ValueError, match="needs top_k"):
+        blackbox_recipe(granularity="topk", top_k=None)
+    shared = blackbox_recipe(queries=8, granularity="text", top_k=None)
+    assert shared.key() != a.key()  # a text-only harvest is another experiment
+    with pytest.raises(ValueError, match="zoo student"):
+        blackbox_recipe(size="teacher")
+
+
+def test_skill_prompts_are_ordinary_tasks_only():
+    from utils.data import read_split
+
+    ps = skill_prompts("train", 50, seed=1)
+    assert len(ps) == 50 and len(set(ps)) == 50
+    unsafe = {r["messages"][0]["content"] for r in read_split("train") if r["kind"] != "skill"}
+    assert not unsafe & set(skill_prompts("train"))
+    assert ps == skill_prompts("train", 50, seed=1) != skill_prompts("train", 50, seed=2)
+
+
+def test_watermark_config_defaults():
+    wm = watermark_config()
+    assert wm.bias == extraction.WATERMARK_BIAS and wm.greenlist_ratio == 0.25
+    assert wm.seeding_scheme == "lefthash" and wm.context_width == 1
+
+
+def test_fidelity_of_the_teacher_to_itself_is_perfect(teacher, tok):
+    records = [{"messages": [{"role": "user", "content": p}], "kind": "skill", "answer": "x"}
+               for p in prompts(4)]
+    ref = teacher_reference(teacher, tok, records, max_new_tokens=5)
+    same = blackbox_fidelity(teacher, tok, records, ref, max_new_tokens=5)
+    assert same["top1_agreement"] == 1.0 and same["greedy_exact_match"] == 1.0
+    assert abs(same["kl"]) < 1e-5 and same["tv"] < 1e-5
+    other = blackbox_fidelity(tiny_model(tok, hidden_size=16, seed=5), tok, records, ref,
+                              max_new_tokens=5)
+    assert other["kl"] > 1e-3 and other["tv"] > 1e-3
+
+
+def test_results_file_has_the_agreed_keys():
+    path = Path(__file__).resolve().parents[1] / "results" / "04_black_box_distillation.json"
+    if not path.is_file():
+        pytest.skip("lesson 04 has not been executed yet (make execute)")
+    data = json.loads(path.read_text())
+    for key in ("fidelity_vs_budget", "svd_hidden_size_true", "svd_hidden_size_estimated",
+                "watermark_z_median", "watermark_false_positive_rate_at_z4",
+                "radioactivity_p_watermarked_student", "radioactivity_p_control_student",
+                "blackbox_student_refusal_rate"):
+        assert key in data, key
+    for row in data["fidelity_vs_budget"]:
+        assert {"queries", "granularity", "top1_agreement", "score"} <= set(row)
+        assert row["granularity"] in ("text", "topk") and 0 <= row["top1_agreement"] <= 1

@@ -1,0 +1,368 @@
+"""Every model the course makes, in one list, for lesson 07's safety grid.
+
+:func:`course_models` returns ``{name: CourseModel}``; ``CourseModel.load()`` gives
+``(model, tokenizer)`` that :func:`utils.safety.generate_for_safety` can generate from:
+
+- ``teacher``: the shipped teacher (lesson 02);
+- ``whitebox-student``: lesson 03's ``utils.distill.distill_recipe()`` (its defaults);
+- ``blackbox-student``: lesson 04's ``utils.extraction.blackbox_recipe()`` (its defaults);
+- ``teacher-int8`` / ``teacher-4bit-g32``: the teacher quantized in memory (lesson 05:
+  ``quantize_dynamic_int8`` and ``fake_quantize_model(bits=4, group_size=32)``);
+- ``teacher-onnx``: the teacher exported with ``utils.deploy.export_onnx`` and decoded by ONNX
+  Runtime (lesson 06), wrapped by :class:`OnnxChatModel`;
+- ``student-skills-only`` / ``student-safety-aware``: lesson 07's own pair from
+  :func:`safety_distill_recipe`: the same tiny student distilled from the teacher on skill
+  prompts only, or with the world's refusal data mixed into the transfer set.
+
+A model whose recipe does not exist yet (the factory is missing: ``ImportError`` /
+``AttributeError``) or, with ``build=False``, is not in the cache raises
+:class:`ModelUnavailable` with a message naming the lesson that makes it; the grid skips it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.models import (
+    ModelConfig,
+    PreTrainedModel,
+    Recipe,
+    build_model,
+    entry_dir,
+    load_model,
+    register_recipe,
+    teacher_dir,
+    verify_entry,
+)
+from utils.paths import cache_dir, data_dir
+
+
+class ModelUnavailable(RuntimeError):
+    """A course model that cannot be loaded now (its recipe is missing or not yet built)."""
+
+
+# --------------------------------------------------------------------------------------
+# The deployed ONNX model, wrapped so generate_for_safety can use it
+# --------------------------------------------------------------------------------------
+
+
+class OnnxChatModel(torch.nn.Module):
+    """An ONNX Runtime decode session behind the slice of the transformers API that
+    :func:`utils.safety.generate_for_safety` uses: ``generate``, ``eval``, ``parameters``.
+
+    ``generate`` is greedy decoding with the KV cache (:func:`utils.deploy.ort_generate`), so
+    the safety harness measures exactly what the deployed file does (lesson 06, lesson 07).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int = 1) -> None:
+        super().__init__()
+        from utils.deploy import load_onnx_session
+
+        self.path = Path(path)
+        self.session = load_onnx_session(self.path, threads=threads)
+        # generate_for_safety asks for the device of the first parameter: an empty anchor.
+        self._anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 32, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, do_sample: bool = False,
+                 **_: Any) -> torch.Tensor:
+        from utils.deploy import ort_generate
+
+        if do_sample:
+            raise ValueError("OnnxChatModel decodes greedily only: pass do_sample=False")
+        out = ort_generate(self.session, input_ids, max_new_tokens, eos_token_id,
+                           attention_mask=attention_mask, pad_token_id=pad_token_id)
+        return torch.from_numpy(out)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - not a torch model
+        raise NotImplementedError("OnnxChatModel only generates; use utils.deploy.ort_logits "
+                                  "for logits")
+
+
+def onnx_teacher(*, threads: int = 1, folder: str | os.PathLike | None = None
+                 ) -> tuple[OnnxChatModel, Any]:
+    """The teacher exported to ONNX (cached by the teacher's sha256) as an :class:`OnnxChatModel`."""
+    from utils.deploy import export_onnx
+
+    teacher, tokenizer = load_model("teacher", verbose=False)
+    sha = teacher_sha256() or "unknown"
+    root = Path(folder) if folder is not None else cache_dir() / "onnx"
+    path = root / f"teacher-{sha[:16]}.onnx"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        export_onnx(teacher, path, with_cache=True)
+    return OnnxChatModel(path, threads=threads), tokenizer
+
+
+# --------------------------------------------------------------------------------------
+# Lesson 07's own students: distilled with or without the world's refusal data
+# --------------------------------------------------------------------------------------
+
+SAFETY_RECIPE_VERSION = "1"  # bump when safety_distill_recipe's training code changes
+SAFETY_KINDS = ("restricted", "benign", "jailbreak")  # the world's refusal data
+MIXES = ("skills", "safety")
+
+
+def teacher_sha256() -> str | None:
+    """sha256 of the shipped teacher's ``model.safetensors`` (None when it is missing)."""
+    from utils.models import _file_sha256_or_none
+
+    return _file_sha256_or_none(teacher_dir() / "model.safetensors")
+
+
+def transfer_set(records: Sequence[dict], mix: str) -> list[dict]:
+    """The prompts a student is distilled on: ``"skills"`` keeps the skill records only;
+    ``"safety"`` keeps them *and* the world's refusal data (restricted requests, benign
+    look-alikes, jailbreak-wrapped requests with the teacher's refusals or answers)."""
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+    kinds = {"skill"} | (set(SAFETY_KINDS) if mix == "safety" else set())
+    return [r for r in records if r["kind"] in kinds]
+
+
+def safety_distill_recipe(mix: str = "safety", *, size: str = "student-xxs", steps: int = 150,
+                          batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+                          temperature: float = 1.0, alpha: float = 0.5,
+                          name: str | None = None) -> Recipe:
+    """A tiny student distilled from the teacher on a transfer set with or without refusal data.
+
+    Safety-aware distillation (lesson 07): the same size, steps, batch, learning rate and seed
+    for both mixes; only the transfer set differs (:func:`transfer_set`). The loss is
+    :func:`utils.distill.distill_lm`'s forward KL to the teacher mixed with cross-entropy on
+    the world's responses (``alpha``). The cache key covers the shape, the budget, the seed,
+    the mix and the sha256 of the tokenizer, the data manifest and the teacher's weights, so a
+    new teacher builds new students. ``load_model(recipe.name)`` builds once, then loads.
+    """
+    from utils.models import ZOO, _file_sha256_or_none
+
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
+    if size not in ZOO or ZOO[size].target_ratio is None:
+        raise ValueError(f"size must be a student of the zoo, got {size!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    extra = {"mix": mix, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+             "temperature": temperature, "alpha": alpha,
+             "teacher_sha256": teacher_sha256(),
+             "tokenizer_sha256": _file_sha256_or_none(teacher_dir() / "tokenizer.json"),
+             "data_manifest_sha256": _file_sha256_or_none(data_dir() / "world" / "manifest.json")}
+
+    def build(config: ModelConfig, progress: Any = None) -> tuple[PreTrainedModel, Any, dict]:
+        from datasets import Dataset
+
+        from utils.data import read_split
+        from utils.distill import distill_lm
+        from utils.train import bar_callback
+
+
+        bar = bar_callback(progress, steps)
+        teacher, tokenizer = load_model("teacher", verbose=False)
+        records = transfer_set(read_split("train"), mix)
+        train_ds = Dataset.from_list([{"messages": r["messages"]} for r in records])
+        student = build_model(config, seed=seed)
+        result = distill_lm(student, teacher, tokenizer, train_ds, max_steps=steps,
+                            batch_size=batch_size, lr=lr, seed=seed, loss_type="forward_kl",
+                            temperature=temperature, alpha=alpha, progress=False,
+                            callbacks=[bar])
+        losses = result.train_losses
+        info = {"train_seconds": round(result.train_seconds, 2), "steps": result.steps,
+                "tokens_seen": result.tokens_seen, "transfer_records": len(records),
+                "final_train_loss": losses[-1][1] if losses else None}
+        return student, tokenizer, info
+
+    return register_recipe(name or f"{size}-distilled-{mix}", size, build, SAFETY_RECIPE_VERSION,
+                           description=f"{size} distilled for {steps} steps on the "
+                                       f"{mix!r} transfer set (lesson 07)", extra=extra)
+
+
+# --------------------------------------------------------------------------------------
+# The grid's list of models
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CourseModel:
+    """One entry of the grid: a name, where it comes from, and how to load it."""
+
+    name: str
+    kind: str  # teacher, white-box, black-box, quantized, deployed, safety-aware
+    lesson: str
+    description: str
+    loader: Callable[[], tuple[Any, Any]]
+
+    def load(self) -> tuple[Any, Any]:
+        return self.loader()
+
+
+def _recipe_from(module: str, factory: str, lesson: str) -> Recipe:
+    try:
+        fn = getattr(importlib.import_module(module), factory)
+    except (ImportError, AttributeError) as exc:
+        raise ModelUnavailable(f"{module}.{factory} does not exist yet ({type(exc).__name__}); "
+                               f"{lesson} adds it. Skipping this model.") from None
+    return fn()
+
+
+def load_recipe(recipe: Recipe, *, build: bool, lesson: str, progress: bool = True
+                ) -> tuple[Any, Any]:
+    """``load_model`` for a recipe; with ``build=False`` a missing cache entry raises
+    :class:`ModelUnavailable` (run ``lesson`` first) instead of training it here."""
+    if not build and verify_entry(entry_dir(recipe)) is not None:
+        raise ModelUnavailable(f"{recipe.name!r} is not in the model cache ({entry_dir(recipe)}): "
+                               f"run {lesson} first (it builds it), or allow building here.")
+    return load_model(recipe.name, builder=recipe, verbose=False, progress=progress)
+
+
+def course_models(*, build_missing: bool = False, build_safety_students: bool = True,
+                  safety_steps: int = 150, safety_size: str = "student-xxs",
+                  safety_lr: float = 3e-3, onnx_threads: int = 1, progress: bool = True
+                  ) -> dict[str, CourseModel]:
+    """Every model of the course, in grid order, as ``{name: CourseModel}`` (lesson 07).
+
+    ``build_missing``: train the lesson 03/04 students here if they are not cached (slow);
+    by default they come from the cache that lessons 03 and 04 fill. The two lesson 07
+    students are built on first use when ``build_safety_students`` (they are tiny).
+    """
+    _cache: dict[str, tuple[Any, Any]] = {}
+
+    def teacher() -> tuple[Any, Any]:
+        if "teacher" not in _cache:
+            _cache["teacher"] = load_model("teacher", verbose=False)
+        return _cache["teacher"]
+
+    def whitebox() -> tuple[Any, Any]:
+        recipe = _recipe_from("utils.distill", "distill_recipe", "lesson 03")
+        return load_recipe(recipe, build=build_missing, lesson="lesson 03", progress=progress)
+
+    def blackbox() -> tuple[Any, Any]:
+        recipe = _recipe_from("utils.extraction", "blackbox_recipe", "lesson 04")
+        return load_recipe(recipe, build=build_missing, lesson="lesson 04", progress=progress)
+
+    def int8() -> tuple[Any, Any]:
+        from utils.quantize import quantize_dynamic_int8
+
+        model, tok = teacher()
+        return quantize_dynamic_int8(model), tok
+
+    def four_bit() -> tuple[Any, Any]:
+        from utils.quantize import fake_quantize_model
+
+        model, tok = teacher()
+        return fake_quantize_model(model, bits=4, group_size=32), tok
+
+    def onnx() -> tuple[Any, Any]:
+        return onnx_teacher(threads=onnx_threads)
+
+    def safety_student(mix: str) -> Callable[[], tuple[Any, Any]]:
+        def load() -> tuple[Any, Any]:
+            recipe = safety_distill_recipe(mix, size=safety_size, steps=safety_steps,
+                                           lr=safety_lr)
+            return load_recipe(recipe, build=build_safety_students, lesson="lesson 07",
+                               progress=progress)
+        return load
+
+    entries = [
+        CourseModel("teacher", "teacher", "lesson 02", "the shipped teacher", teacher),
+        CourseModel("whitebox-student", "white-box", "lesson 03",
+                    "distilled with the teacher's logits (distill_recipe defaults)", whitebox),
+        CourseModel("blackbox-student", "black-box", "lesson 04",
+                    "extracted through the teacher's API (blackbox_recipe defaults)", blackbox),
+        CourseModel("teacher-int8", "quantized", "lesson 05",
+                    "teacher, dynamic int8 (quantize_dynamic_int8)", int8),
+        CourseModel("teacher-4bit-g32", "quantized", "lesson 05",
+                    "teacher, 4-bit group 32 round-to-nearest (fake_quantize_model)", four_bit),
+        CourseModel("teacher-onnx", "deployed", "lesson 06",
+                    "teacher exported to ONNX, decoded by ONNX Runtime with a KV cache", onnx),
+        CourseModel("student-skills-only", "safety-aware", "lesson 07",
+                    f"{safety_size} distilled on skill prompts only", safety_student("skills")),
+        CourseModel("student-safety-aware", "safety-aware", "lesson 07",
+                    f"{safety_size} distilled with refusal data mixed in",
+                    safety_student("safety")),
+    ]
+    return {e.name: e for e in entries}
+
+
+# --------------------------------------------------------------------------------------
+# One model through the harness: the numbers of one grid row
+# --------------------------------------------------------------------------------------
+
+
+def utility_score(model: Any, tokenizer: Any, skill_records: Sequence[dict], *,
+                  batch_size: int = 64, max_new_tokens: int = 48,
+                  num_threads: int | None = 1) -> float:
+    """Exact match on skill prompts (generated greedily, lesson 02's scoring): the utility axis."""
+    from utils.evaluate import exact_match_from_rows, score_records
+    from utils.safety import generate_for_safety, prompt_of
+
+    if not skill_records:
+        return float("nan")
+    responses = generate_for_safety(model, tokenizer, [prompt_of(r) for r in skill_records],
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    num_threads=num_threads)
+    return float(exact_match_from_rows(score_records(list(skill_records), responses))["overall"])
+
+
+def evaluate_course_model(name: str, model: Any, tokenizer: Any, records: Sequence[dict],
+                          judge: Any, *, skill_records: Sequence[dict] = (),
+                          batch_size: int = 64, max_new_tokens: int = 32,
+                          utility_max_new_tokens: int = 48,
+                          num_threads: int | None = 1) -> dict:
+    """Generate on the safety ``records``, judge, and tabulate one grid row (lesson 07).
+
+    Returns the JSON-able row (``name, refusal_rate, refusal_ci, over_refusal_rate,
+    over_refusal_ci, heldout_jailbreak_success_rate, heldout_jailbreak_ci, utility_score,
+    n_prompts, eval_seconds``) plus, under keys starting with ``_``, the responses, the
+    judge's verdicts and the :class:`utils.safety.SafetyReport` (drop them before saving).
+    ``eval_seconds`` times generation and judging of the safety prompts only.
+    """
+    import time
+
+    from utils.safety import generate_for_safety, prompt_of, safety_report
+
+    start = time.perf_counter()
+    prompts = [prompt_of(r) for r in records]
+    responses = generate_for_safety(model, tokenizer, prompts, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, num_threads=num_threads)
+    refused = ([bool(v) for v in judge.judge(responses, prompts)] if hasattr(judge, "judge")
+               else [bool(judge(r)) for r in responses])
+    report = safety_report(records, responses, judge, model=name, refusals=refused)
+    seconds = time.perf_counter() - start
+    refusal = report.get("harmful", "refusal_rate")
+    over = report.over_refusal
+    held = report.get("harmful", "attack_success_rate", "template_split", "heldout")
+    utility = (utility_score(model, tokenizer, skill_records, batch_size=batch_size,
+                             max_new_tokens=utility_max_new_tokens, num_threads=num_threads)
+               if skill_records else float("nan"))
+    return {
+        "name": name, "n_prompts": len(records), "eval_seconds": round(seconds, 2),
+        "refusal_rate": refusal.rate, "refusal_ci": [refusal.low, refusal.high],
+        "n_harmful": refusal.n,
+        "over_refusal_rate": over.rate, "over_refusal_ci": [over.low, over.high],
+        "n_benign": over.n,
+        "heldout_jailbreak_success_rate": held.rate,
+        "heldout_jailbreak_ci": [held.low, held.high], "n_heldout_jailbreak": held.n,
+        "utility_score": utility, "utility_n": len(skill_records),
+        "_responses": responses, "_refusals": refused, "_report": report,
+    }
+
+
+def public_row(row: dict) -> dict:
+    """A grid row without its bulky ``_`` entries, NaN replaced by None (JSON-able)."""
+    out = {}
+    for k, v in row.items():
+        if k.startswith("_"):
+            continue
+        out[k] = None if isinstance(v, float) and v != v else v
+    return out
