@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
 .PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute experiments \
-        doctor teacher data results-doc clean install-mobile
+        doctor teacher data results-doc clean install-mobile students
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -90,6 +90,11 @@ execute: $(STAMP)  ## re-execute solutions/ in place (outputs, measured run time
 experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 07): commit results/*_grid.json
 	$(PY) scripts/experiments_03.py
 	$(PY) scripts/experiments_07.py --build-missing
+
+students: $(STAMP)  ## shipped students (~40 min): results/03_grid_long.json, data/models/students/ (lessons 03, 06, 07)
+	$(PY) scripts/experiments_03.py --steps 3000 --sizes student-xs --methods sft forward_kl \
+	  --out results/03_grid_long.json --ship
+	$(PY) -m utils.students ship student-xs forward_kl --steps 3000 --transfer skills
 
 results-doc: $(STAMP)  ## regenerate docs/RESULTS.md from results/*.json
 	$(PY) scripts/results_doc.py

@@ -2,6 +2,7 @@
 
     python scripts/experiments_03.py                       # the full grid -> results/03_grid.json
     python scripts/experiments_03.py --quick --out /tmp/g.json   # a few steps, for a test
+    make students   # the long budget: --steps 3000 --sizes student-xs --methods sft forward_kl --ship
 
 Every student is built by :func:`utils.distill.distill_recipe` (so the notebook's live student
 and lesson 07 load the very same cache entries) with the recipe's defaults except ``--steps``
@@ -64,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="methods to run where the grid has them (default: all)")
     p.add_argument("--cached-only", action="store_true",
                    help="train nothing: summarise the configurations whose every seed is cached")
+    p.add_argument("--ship", action="store_true",
+                   help="copy each configuration's first-seed student to data/models/students/")
+    p.add_argument("--ship-dir", default=None,
+                   help="where --ship writes (default data/models/students/; tests use a temp folder)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 3 steps, seeds 0 1, 20 prompts (the numbers mean nothing)")
     args = p.parse_args(argv)
@@ -129,6 +134,27 @@ def summarise(runs: list[dict]) -> list[dict]:
                         "perplexity_mean": statistics.mean(r["perplexity"] for r in rows),
                         "train_seconds": statistics.mean(r["train_seconds"] for r in rows)})
     return out
+
+
+def _display_path(path: Path) -> str:
+    path = path.resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
+def ship_student(row: dict, payload: dict, *, threads: int, root: Path | None = None,
+                 eval_limit: int | None = None) -> Path:
+    """Ship the first seed's student of one grid row (:func:`utils.students.ship_recipe`)."""
+    from utils.distill import distill_recipe
+    from utils.students import ship_recipe, shipped_name
+
+    size, method, seed = row["size"], row["method"], row["seeds"][0]
+    run = next(r for r in payload["runs"] if (r["size"], r["method"], r["seed"]) == (size, method, seed))
+    grid = {"n_eval": payload["eval_subset"]["n"], "score": run["score"],
+            "token_accuracy": run["token_accuracy"], "teacher_score": payload["teacher"]["score"],
+            "grid_file": payload["provenance"]["out"]}
+    return ship_recipe(distill_recipe(size, method, steps=row["steps"], seed=seed),
+                       shipped_name(size, method), provenance=payload["provenance"], grid=grid,
+                       threads=threads, root=root, eval_limit=eval_limit)
 
 
 def _cpu_name() -> str:
@@ -197,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                  if argv is None else "python scripts/experiments_03.py " + " ".join(argv),
                  "cpu": _cpu_name(), "jobs": args.jobs, "threads_per_job": args.threads,
                  "wall_seconds": round(wall, 1), "quick": args.quick,
+                 "out": _display_path(Path(args.out)),
                  "partial": bool(missing) or len(args.sizes) < len(GRID)
                  or len(args.methods) < len(GRID[0][1])})
     payload = {
@@ -215,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = atomic_write_json(Path(args.out), payload)
     print(f"{len(runs)} runs in {wall / 60:.1f} min -> {out}")
+    if args.ship:
+        for row in payload["summary"]:
+            folder = ship_student(row, payload, threads=args.threads * args.jobs,
+                                  root=Path(args.ship_dir) if args.ship_dir else None,
+                                  eval_limit=60 if args.quick else None)
+            print(f"  shipped {folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}")
     if missing:
         print("  not in the cache, left out:", ", ".join(f"{m['size']} {m['method']}" for m in missing))
     for row in payload["summary"]:

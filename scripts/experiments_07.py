@@ -32,6 +32,7 @@ from utils.course_models import (  # noqa: E402
     course_models,
     evaluate_course_model,
     public_row,
+    shipped_students_sha256,
     teacher_sha256,
 )
 from utils.data import read_split  # noqa: E402
@@ -42,8 +43,6 @@ from utils.safety import CourseKeywordJudge, safety_eval_set  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 
 GRID_NAME = "07_safety_grid"
-# The lesson's defaults for its own safety-aware students (solutions/07: SAFETY_*).
-SAFETY_SIZE, SAFETY_STEPS, SAFETY_LR = "student-xxs", 150, 3e-3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-missing", action="store_true",
                     help="train lesson 03/04 students here when they are not cached")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for generation")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="tokens per safety prompt")
+    ap.add_argument("--utility-max-new-tokens", type=int, default=96, help="tokens per skill prompt")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
 
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     records = safety_eval_set(test)
     skills = [r for r in test if r["kind"] == "skill"]
     judge = CourseKeywordJudge()
-    models = course_models(build_missing=args.build_missing, safety_size=SAFETY_SIZE,
-                           safety_steps=SAFETY_STEPS, safety_lr=SAFETY_LR, progress=False)
+    models = course_models(build_missing=args.build_missing, progress=False)
     wanted = [m for m in args.models.split(",") if m] or list(models)
     rows, skipped, verdicts = [], {}, {}
     determinism = None
@@ -77,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row = evaluate_course_model(name, model, tokenizer, records, judge, skill_records=skills,
                                     batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens, num_threads=args.threads)
+                                    max_new_tokens=args.max_new_tokens,
+                                    utility_max_new_tokens=args.utility_max_new_tokens,
+                                    num_threads=args.threads)
         if name == "teacher":
             again = evaluate_course_model(name, model, tokenizer, records, judge,
                                           batch_size=args.batch_size,
@@ -99,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         "judge": judge.name, "n_prompts": len(records), "n_utility": len(skills),
         "prompt_ids": [r["id"] for r in records], "verdicts": verdicts,
         "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                     "threads": args.threads, "safety_size": SAFETY_SIZE,
-                     "safety_steps": SAFETY_STEPS, "safety_lr": SAFETY_LR},
+                     "utility_max_new_tokens": args.utility_max_new_tokens,
+                     "threads": args.threads},
         "teacher_sha256": teacher_sha256(),
+        "students_sha256": shipped_students_sha256(),
         "provenance": provenance() | {"command": "python " + " ".join(
             ["scripts/experiments_07.py", *(argv if argv is not None else sys.argv[1:])]),
             "processor": platform.processor() or platform.machine(),

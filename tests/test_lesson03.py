@@ -74,11 +74,40 @@ def test_a_new_teacher_builds_new_students_but_not_a_new_sft(monkeypatch):
     ({"alpha": 1.5}, "alpha must be in [0, 1]"),
     ({"lmbda": -0.1}, "lmbda must be in [0, 1]"),
     ({"temperature": 0.0}, "temperature"),
+    ({"transfer": "refusals"}, "transfer must be one of"),
 ])
 def test_bad_settings_get_clear_errors(kwargs, words):
     with pytest.raises(ValueError, match=None) as err:
         distill_recipe(**kwargs)
     assert words in str(err.value)
+
+
+def test_skills_only_transfer_is_its_own_recipe_and_leaves_default_keys_alone():
+    default = distill_recipe("student-xs", "forward_kl", steps=3000)
+    skills = distill_recipe("student-xs", "forward_kl", steps=3000, transfer="skills")
+    assert "transfer" not in default.extra  # earlier builds keep their cache key
+    assert skills.extra["transfer"] == "skills" and skills.key() != default.key()
+    assert skills.name == "student-xs-forward-kl-skills-seed0" and "skill chats only" in skills.description
+
+
+@pytest.mark.slow
+def test_a_skills_only_student_trains_on_skill_chats_only(cache, monkeypatch):
+    import utils.train as train
+
+    seen = []
+    real = train.train_lm
+
+    def spy(model, tokenizer, train_ds, *args, **kwargs):
+        seen.append(sorted(set(train_ds["kind"])))
+        return real(model, tokenizer, train_ds, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_lm", spy)
+    torch.set_num_threads(1)
+    for transfer, kinds in (("skills", ["skill"]), ("all", ["benign", "jailbreak", "restricted", "skill"])):
+        r = distill_recipe("student-xxs", "sft", steps=1, seed=5, transfer=transfer)
+        models.load_model(r.name, progress=False, verbose=False)
+        assert seen[-1] == kinds
+    assert models.read_manifest(models.entry_dir(r))["build_info"]["steps"] == 1
 
 
 @pytest.mark.slow

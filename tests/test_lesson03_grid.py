@@ -96,8 +96,9 @@ def test_quick_grid_runs_end_to_end(tmp_path):
     env = {**os.environ, "DD_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "scripts" / "experiments_03.py"), "--quick", "--steps", "1",
-           "--sizes", "student-xxs", "--n-eval", "10", "--jobs", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+           "--sizes", "student-xxs", "--n-eval", "10", "--jobs", "1", "--out", str(out),
+           "--ship", "--ship-dir", str(tmp_path / "students")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     grid = json.loads(out.read_text())
     _check_grid_schema(grid, min_seeds=2)
@@ -105,9 +106,49 @@ def test_quick_grid_runs_end_to_end(tmp_path):
     assert {(r["size"], r["method"]) for r in grid["summary"]} == {("student-xxs", "sft"),
                                                                    ("student-xxs", "forward_kl")}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic write
+    # --ship: each configuration's first seed, loadable as a plain folder, with a card
+    shipped = sorted(p.name for p in (tmp_path / "students").iterdir())
+    assert shipped == ["student-xxs-forward-kl", "student-xxs-sft"]
+    from utils.models import load_model, verify_entry
+
+    for name in shipped:
+        folder = tmp_path / "students" / name
+        assert verify_entry(folder) is None
+        card = json.loads((folder / "model_card.json").read_text())
+        assert card["seed"] == 0 and card["steps"] == 1 and card["metrics"]["n_records"] == 60
+        assert (card["teacher_sha256"] is None) == (card["method"] == "sft")
+        assert "shipped student" in (folder / "model_card.md").read_text().lower()
+        model, _ = load_model(folder, verbose=False)
+        assert sum(p.numel() for p in model.parameters()) == card["parameters"]
 
 
 def test_the_script_rejects_a_single_seed():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "experiments_03.py"), "--seeds", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "at least two different seeds" in proc.stderr
+
+
+LONG_GRID = ROOT / "results" / "03_grid_long.json"  # committed by `make students`
+
+
+def test_committed_long_grid_compares_sft_and_forward_kl_over_three_seeds():
+    grid = _load(LONG_GRID)
+    assert grid["provenance"]["quick"] is False and "--ship" in grid["provenance"]["command"]
+    _check_grid_schema(grid, min_seeds=3)
+    assert {(r["size"], r["method"]) for r in grid["summary"]} == {("student-xs", "sft"),
+                                                                   ("student-xs", "forward_kl")}
+    assert grid["settings"]["steps"] > _load(GRID)["settings"]["steps"]  # longer than the lesson's grid
+    assert grid["teacher"]["score"] == pytest.approx(_load(GRID)["teacher"]["score"])  # the same teacher
+
+
+def test_the_lesson_reproduces_the_shipped_students_scores():
+    lesson, grid = _load(LESSON), _load(LONG_GRID)
+    shipped = lesson["shipped_students"]
+    assert set(shipped) == {"student-xs-sft", "student-xs-forward-kl"}
+    slack = 1.0 / grid["eval_subset"]["n"]
+    for name, s in shipped.items():
+        assert abs(s["live_score"] - s["card_score"]) <= slack, name
+        method = "sft" if name.endswith("sft") else "forward_kl"
+        seed0 = next(r for r in grid["runs"] if r["method"] == method and r["seed"] == 0)
+        assert s["card_score"] == pytest.approx(seed0["score"]), name
+    assert sum(r["source"] == "grid-long" for r in lesson["runs"]) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ from utils.course_models import (
     course_models,
     evaluate_course_model,
     public_row,
-    safety_distill_recipe,
-    teacher_sha256,
     transfer_set,
 )
 from utils.models import teacher_dir
@@ -52,46 +49,30 @@ def test_transfer_set_keeps_refusal_data_only_in_the_safety_mix():
         transfer_set(RECORDS, "everything")
 
 
-@needs_teacher
-def test_safety_recipe_key_covers_mix_budget_and_teacher_weights(tmp_path, monkeypatch):
-    base = safety_distill_recipe("safety", steps=10)
-    assert base.name == "student-xxs-distilled-safety"
-    assert base.extra["teacher_sha256"] == teacher_sha256()
-    assert safety_distill_recipe("skills", steps=10).key() != base.key()
-    assert safety_distill_recipe("safety", steps=11).key() != base.key()
-    assert safety_distill_recipe("safety", steps=10, seed=1).key() != base.key()
-    # another teacher (same shape and tokenizer, other weights) -> another cache entry
-    fake = tmp_path / "teacher"
-    fake.mkdir()
-    for name in ("config.json", "tokenizer.json"):
-        shutil.copy(teacher_dir() / name, fake / name)
-    (fake / "model.safetensors").write_bytes(b"other weights")
-    monkeypatch.setenv("DD_TEACHER_DIR", str(fake))
-    assert safety_distill_recipe("safety", steps=10).key() != base.key()
-    with pytest.raises(ValueError, match="mix"):
-        safety_distill_recipe("all")
-    with pytest.raises(ValueError, match="student of the zoo"):
-        safety_distill_recipe("safety", size="teacher")
-
-
 def test_course_models_lists_every_model_in_grid_order():
     models = course_models()
-    assert list(models) == ["teacher", "whitebox-student", "blackbox-student", "teacher-int8",
-                            "teacher-4bit-g32", "teacher-onnx", "student-skills-only",
-                            "student-safety-aware"]
-    assert {m.kind for m in models.values()} == {"teacher", "white-box", "black-box",
-                                                  "quantized", "deployed", "safety-aware"}
+    assert list(models) == ["teacher", "whitebox-student", "sft-student", "blackbox-student",
+                            "teacher-int8", "teacher-4bit-g32", "teacher-onnx", "student-skills-only"]
+    assert {m.kind for m in models.values()} == {"teacher", "white-box", "data only", "black-box",
+                                                  "quantized", "deployed", "skills only"}
+
+
+@pytest.mark.parametrize("grid_name", ["whitebox-student", "sft-student", "student-skills-only"])
+def test_shipped_students_load_or_say_how_to_build_them(grid_name, tmp_path, monkeypatch):
+    import utils.models
+
+    model, tok = course_models()[grid_name].load()  # shipped in data/models/students/
+    assert model.config.vocab_size == len(tok)
+    monkeypatch.setattr(utils.models, "students_dir", lambda: tmp_path / "no-students")
+    with pytest.raises(ModelUnavailable, match="make students"):
+        course_models()[grid_name].load()
 
 
 def test_missing_recipe_factory_is_skipped_with_a_message(monkeypatch):
-    import utils.distill
     import utils.extraction
 
-    monkeypatch.delattr(utils.distill, "distill_recipe", raising=False)
     monkeypatch.delattr(utils.extraction, "blackbox_recipe", raising=False)
     models = course_models()
-    with pytest.raises(ModelUnavailable, match="distill_recipe does not exist yet.*lesson 03"):
-        models["whitebox-student"].load()
     with pytest.raises(ModelUnavailable, match="blackbox_recipe does not exist yet.*lesson 04"):
         models["blackbox-student"].load()
 
@@ -99,14 +80,9 @@ def test_missing_recipe_factory_is_skipped_with_a_message(monkeypatch):
 @needs_teacher
 def test_uncached_students_are_not_trained_unless_asked(tmp_path, monkeypatch):
     monkeypatch.setenv("DD_CACHE_DIR", str(tmp_path / "empty-cache"))
-    models = course_models(build_safety_students=False)
-    with pytest.raises(ModelUnavailable, match="not in the model cache.*lesson 07"):
-        models["student-safety-aware"].load()
-    import utils.distill
-
-    if hasattr(utils.distill, "distill_recipe"):  # lesson 03's factory has landed
-        with pytest.raises(ModelUnavailable, match="not in the model cache.*lesson 03"):
-            models["whitebox-student"].load()
+    models = course_models()
+    with pytest.raises(ModelUnavailable, match="not in the model cache.*lesson 04"):
+        models["blackbox-student"].load()
     assert not (tmp_path / "empty-cache" / "models").exists() or not any(
         p for p in (tmp_path / "empty-cache" / "models").iterdir() if not p.name.startswith("."))
 

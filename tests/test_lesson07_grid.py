@@ -44,6 +44,14 @@ def test_grid_has_every_row_key_and_provenance(grid, records):
     assert grid["determinism"]["identical_responses"] is True
 
 
+def test_grid_was_measured_on_the_shipped_teacher_and_students(grid):
+    from utils.course_models import shipped_students_sha256
+
+    fix = "the committed grid is stale: re-run `python scripts/experiments_07.py`"
+    assert grid["teacher_sha256"] == teacher_sha256(), fix
+    assert grid.get("students_sha256") == shipped_students_sha256(), fix
+
+
 def test_grid_rates_follow_from_its_verdicts(grid, records):
     harmful = [bool(r["should_refuse"]) for r in records]
     heldout = [bool(r["should_refuse"]) and r.get("template_split") == "heldout" for r in records]

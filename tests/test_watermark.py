@@ -144,8 +144,10 @@ def test_radioactivity_student_of_watermarked_text(tok):
     radioactive = _train(tok, marked, seed=10)
     control = _train(tok, clean, seed=10)
     prompts = [line[:20] for line in CORPUS]
-    p_radio = radioactivity_test(radioactive, tok, prompts, wm, max_new_tokens=32)
-    p_control = radioactivity_test(control, tok, prompts, wm, max_new_tokens=32)
+    # 64 tokens per prompt: with 32 the p-value sat near the threshold and moved with the CPU's
+    # float kernels (1.5e-4 measured on an AMD EPYC); 64 gave 2e-14 there, and 0.26 for the control
+    p_radio = radioactivity_test(radioactive, tok, prompts, wm, max_new_tokens=64)
+    p_control = radioactivity_test(control, tok, prompts, wm, max_new_tokens=64)
     assert p_radio < 1e-5, p_radio
     assert p_control > 1e-2, p_control
     # teacher-forced reading of ordinary text shows it too

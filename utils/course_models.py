@@ -4,19 +4,23 @@
 ``(model, tokenizer)`` that :func:`utils.safety.generate_for_safety` can generate from:
 
 - ``teacher``: the shipped teacher (lesson 02);
-- ``whitebox-student``: lesson 03's ``utils.distill.distill_recipe()`` (its defaults);
+- ``whitebox-student``: lesson 03's shipped ``student-xs-forward-kl`` (``make students``:
+  distilled with forward KL for a long budget on the whole training split, skills *and* the
+  world's refusal data, so it is also the safety-aware student of section 5);
+- ``sft-student``: lesson 03's shipped ``student-xs-sft`` (the same data and budget, no teacher);
 - ``blackbox-student``: lesson 04's ``utils.extraction.blackbox_recipe()`` (its defaults);
 - ``teacher-int8`` / ``teacher-4bit-g32``: the teacher quantized in memory (lesson 05:
   ``quantize_dynamic_int8`` and ``fake_quantize_model(bits=4, group_size=32)``);
 - ``teacher-onnx``: the teacher exported with ``utils.deploy.export_onnx`` and decoded by ONNX
   Runtime (lesson 06), wrapped by :class:`OnnxChatModel`;
-- ``student-skills-only`` / ``student-safety-aware``: lesson 07's own pair from
-  :func:`safety_distill_recipe`: the same tiny student distilled from the teacher on skill
-  prompts only, or with the world's refusal data mixed into the transfer set.
+- ``student-skills-only``: the shipped ``student-xs-forward-kl-skills-only``: the white-box
+  student's recipe with the refusal data left out of its transfer set (lesson 07's remedy
+  compares the two).
 
 A model whose recipe does not exist yet (the factory is missing: ``ImportError`` /
-``AttributeError``) or, with ``build=False``, is not in the cache raises
-:class:`ModelUnavailable` with a message naming the lesson that makes it; the grid skips it.
+``AttributeError``), with ``build=False`` is not in the cache, or is a shipped student missing
+from ``data/models/students/`` raises :class:`ModelUnavailable` with a message naming what
+makes it; the grid skips it.
 """
 
 from __future__ import annotations
@@ -31,17 +35,13 @@ from typing import Any
 import torch
 
 from utils.models import (
-    ModelConfig,
-    PreTrainedModel,
     Recipe,
-    build_model,
     entry_dir,
     load_model,
-    register_recipe,
     teacher_dir,
     verify_entry,
 )
-from utils.paths import cache_dir, data_dir
+from utils.paths import cache_dir
 
 
 class ModelUnavailable(RuntimeError):
@@ -107,10 +107,9 @@ def onnx_teacher(*, threads: int = 1, folder: str | os.PathLike | None = None
 
 
 # --------------------------------------------------------------------------------------
-# Lesson 07's own students: distilled with or without the world's refusal data
+# Transfer sets: what a student is distilled on, with or without the world's refusal data
 # --------------------------------------------------------------------------------------
 
-SAFETY_RECIPE_VERSION = "1"  # bump when safety_distill_recipe's training code changes
 SAFETY_KINDS = ("restricted", "benign", "jailbreak")  # the world's refusal data
 MIXES = ("skills", "safety")
 
@@ -130,61 +129,6 @@ def transfer_set(records: Sequence[dict], mix: str) -> list[dict]:
         raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
     kinds = {"skill"} | (set(SAFETY_KINDS) if mix == "safety" else set())
     return [r for r in records if r["kind"] in kinds]
-
-
-def safety_distill_recipe(mix: str = "safety", *, size: str = "student-xxs", steps: int = 150,
-                          batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-                          temperature: float = 1.0, alpha: float = 0.5,
-                          name: str | None = None) -> Recipe:
-    """A tiny student distilled from the teacher on a transfer set with or without refusal data.
-
-    Safety-aware distillation (lesson 07): the same size, steps, batch, learning rate and seed
-    for both mixes; only the transfer set differs (:func:`transfer_set`). The loss is
-    :func:`utils.distill.distill_lm`'s forward KL to the teacher mixed with cross-entropy on
-    the world's responses (``alpha``). The cache key covers the shape, the budget, the seed,
-    the mix and the sha256 of the tokenizer, the data manifest and the teacher's weights, so a
-    new teacher builds new students. ``load_model(recipe.name)`` builds once, then loads.
-    """
-    from utils.models import ZOO, _file_sha256_or_none
-
-    if mix not in MIXES:
-        raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
-    if size not in ZOO or ZOO[size].target_ratio is None:
-        raise ValueError(f"size must be a student of the zoo, got {size!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    extra = {"mix": mix, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-             "temperature": temperature, "alpha": alpha,
-             "teacher_sha256": teacher_sha256(),
-             "tokenizer_sha256": _file_sha256_or_none(teacher_dir() / "tokenizer.json"),
-             "data_manifest_sha256": _file_sha256_or_none(data_dir() / "world" / "manifest.json")}
-
-    def build(config: ModelConfig, progress: Any = None) -> tuple[PreTrainedModel, Any, dict]:
-        from datasets import Dataset
-
-        from utils.data import read_split
-        from utils.distill import distill_lm
-        from utils.train import bar_callback
-
-
-        bar = bar_callback(progress, steps)
-        teacher, tokenizer = load_model("teacher", verbose=False)
-        records = transfer_set(read_split("train"), mix)
-        train_ds = Dataset.from_list([{"messages": r["messages"]} for r in records])
-        student = build_model(config, seed=seed)
-        result = distill_lm(student, teacher, tokenizer, train_ds, max_steps=steps,
-                            batch_size=batch_size, lr=lr, seed=seed, loss_type="forward_kl",
-                            temperature=temperature, alpha=alpha, progress=False,
-                            callbacks=[bar])
-        losses = result.train_losses
-        info = {"train_seconds": round(result.train_seconds, 2), "steps": result.steps,
-                "tokens_seen": result.tokens_seen, "transfer_records": len(records),
-                "final_train_loss": losses[-1][1] if losses else None}
-        return student, tokenizer, info
-
-    return register_recipe(name or f"{size}-distilled-{mix}", size, build, SAFETY_RECIPE_VERSION,
-                           description=f"{size} distilled for {steps} steps on the "
-                                       f"{mix!r} transfer set (lesson 07)", extra=extra)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,15 +169,39 @@ def load_recipe(recipe: Recipe, *, build: bool, lesson: str, progress: bool = Tr
     return load_model(recipe.name, builder=recipe, verbose=False, progress=progress)
 
 
-def course_models(*, build_missing: bool = False, build_safety_students: bool = True,
-                  safety_steps: int = 150, safety_size: str = "student-xxs",
-                  safety_lr: float = 3e-3, onnx_threads: int = 1, progress: bool = True
+SHIPPED = {  # grid name -> (shipped student, the command and lesson that make it)
+    "whitebox-student": ("student-xs-forward-kl", "`make students` (lesson 03)"),
+    "sft-student": ("student-xs-sft", "`make students` (lesson 03)"),
+    "student-skills-only": ("student-xs-forward-kl-skills-only", "`make students` (lesson 07)"),
+}
+
+
+def shipped_students_sha256() -> dict[str, str | None]:
+    """sha256 of each shipped grid student's weights (None when missing): what a committed
+    grid was measured on, so a notebook can tell whether the grid is still current."""
+    from utils.models import _file_sha256_or_none, students_dir
+
+    return {name: _file_sha256_or_none(students_dir() / name / "model.safetensors")
+            for name, _ in SHIPPED.values()}
+
+
+def load_shipped(name: str, made_by: str) -> tuple[Any, Any]:
+    """``load_model(name)`` for a shipped student, or :class:`ModelUnavailable` naming the fix."""
+    from utils.models import shipped_students, students_dir
+
+    if name not in shipped_students():
+        raise ModelUnavailable(f"the shipped student {name!r} is not in {students_dir()}: build it "
+                               f"with {made_by}, or restore data/models/students/ from the repository.")
+    return load_model(name, verbose=False)
+
+
+def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progress: bool = True
                   ) -> dict[str, CourseModel]:
     """Every model of the course, in grid order, as ``{name: CourseModel}`` (lesson 07).
 
-    ``build_missing``: train the lesson 03/04 students here if they are not cached (slow);
-    by default they come from the cache that lessons 03 and 04 fill. The two lesson 07
-    students are built on first use when ``build_safety_students`` (they are tiny).
+    The students of lessons 03 and 07 are shipped (``data/models/students/``, built by
+    ``make students``). ``build_missing``: train lesson 04's black-box student here if it is not
+    cached (slow); by default it comes from the cache that lesson 04 fills.
     """
     _cache: dict[str, tuple[Any, Any]] = {}
 
@@ -242,9 +210,8 @@ def course_models(*, build_missing: bool = False, build_safety_students: bool = 
             _cache["teacher"] = load_model("teacher", verbose=False)
         return _cache["teacher"]
 
-    def whitebox() -> tuple[Any, Any]:
-        recipe = _recipe_from("utils.distill", "distill_recipe", "lesson 03")
-        return load_recipe(recipe, build=build_missing, lesson="lesson 03", progress=progress)
+    def shipped(grid_name: str) -> Callable[[], tuple[Any, Any]]:
+        return lambda: load_shipped(*SHIPPED[grid_name])
 
     def blackbox() -> tuple[Any, Any]:
         recipe = _recipe_from("utils.extraction", "blackbox_recipe", "lesson 04")
@@ -265,18 +232,14 @@ def course_models(*, build_missing: bool = False, build_safety_students: bool = 
     def onnx() -> tuple[Any, Any]:
         return onnx_teacher(threads=onnx_threads)
 
-    def safety_student(mix: str) -> Callable[[], tuple[Any, Any]]:
-        def load() -> tuple[Any, Any]:
-            recipe = safety_distill_recipe(mix, size=safety_size, steps=safety_steps,
-                                           lr=safety_lr)
-            return load_recipe(recipe, build=build_safety_students, lesson="lesson 07",
-                               progress=progress)
-        return load
-
     entries = [
         CourseModel("teacher", "teacher", "lesson 02", "the shipped teacher", teacher),
         CourseModel("whitebox-student", "white-box", "lesson 03",
-                    "distilled with the teacher's logits (distill_recipe defaults)", whitebox),
+                    "student-xs distilled with the teacher's logits on the whole training split "
+                    "(skills and refusal data; shipped student-xs-forward-kl)", shipped("whitebox-student")),
+        CourseModel("sft-student", "data only", "lesson 03",
+                    "student-xs trained on the same data without the teacher (shipped student-xs-sft)",
+                    shipped("sft-student")),
         CourseModel("blackbox-student", "black-box", "lesson 04",
                     "extracted through the teacher's API (blackbox_recipe defaults)", blackbox),
         CourseModel("teacher-int8", "quantized", "lesson 05",
@@ -285,11 +248,9 @@ def course_models(*, build_missing: bool = False, build_safety_students: bool = 
                     "teacher, 4-bit group 32 round-to-nearest (fake_quantize_model)", four_bit),
         CourseModel("teacher-onnx", "deployed", "lesson 06",
                     "teacher exported to ONNX, decoded by ONNX Runtime with a KV cache", onnx),
-        CourseModel("student-skills-only", "safety-aware", "lesson 07",
-                    f"{safety_size} distilled on skill prompts only", safety_student("skills")),
-        CourseModel("student-safety-aware", "safety-aware", "lesson 07",
-                    f"{safety_size} distilled with refusal data mixed in",
-                    safety_student("safety")),
+        CourseModel("student-skills-only", "skills only", "lesson 07",
+                    "the white-box student's recipe on skill chats only, no refusal data "
+                    "(shipped student-xs-forward-kl-skills-only)", shipped("student-skills-only")),
     ]
     return {e.name: e for e in entries}
 
@@ -300,7 +261,7 @@ def course_models(*, build_missing: bool = False, build_safety_students: bool = 
 
 
 def utility_score(model: Any, tokenizer: Any, skill_records: Sequence[dict], *,
-                  batch_size: int = 64, max_new_tokens: int = 48,
+                  batch_size: int = 64, max_new_tokens: int = 96,
                   num_threads: int | None = 1) -> float:
     """Exact match on skill prompts (generated greedily, lesson 02's scoring): the utility axis."""
     from utils.evaluate import exact_match_from_rows, score_records
@@ -317,7 +278,7 @@ def utility_score(model: Any, tokenizer: Any, skill_records: Sequence[dict], *,
 def evaluate_course_model(name: str, model: Any, tokenizer: Any, records: Sequence[dict],
                           judge: Any, *, skill_records: Sequence[dict] = (),
                           batch_size: int = 64, max_new_tokens: int = 32,
-                          utility_max_new_tokens: int = 48,
+                          utility_max_new_tokens: int = 96,
                           num_threads: int | None = 1) -> dict:
     """Generate on the safety ``records``, judge, and tabulate one grid row (lesson 07).
 

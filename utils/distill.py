@@ -758,6 +758,7 @@ METHODS = ("sft", "forward_kl", "reverse_kl", "on_policy")
 # batches are the student's own samples scored by the teacher. Everything else is shared.
 METHOD_LOSS = {"sft": None, "forward_kl": "forward_kl", "reverse_kl": "reverse_kl",
                "on_policy": "reverse_kl"}
+TRANSFERS = ("all", "skills")  # distill_recipe's training data: the whole split, or skills only
 DISTILL_RECIPE_VERSION = "1"  # bump when distill_recipe's training code changes what it builds
 DISTILL_DEFAULTS = {"steps": 200, "batch_size": 32, "lr": 3e-3, "temperature": 1.0,
                     "alpha": 0.5, "lmbda": 0.5, "max_new_tokens": 48}
@@ -774,13 +775,16 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
                    alpha: float = DISTILL_DEFAULTS["alpha"],
                    lmbda: float = DISTILL_DEFAULTS["lmbda"],
                    max_new_tokens: int = DISTILL_DEFAULTS["max_new_tokens"],
-                   name: str | None = None) -> Any:
+                   transfer: str = "all", name: str | None = None) -> Any:
     """Register the recipe of a zoo student trained by ``method`` (lesson 03's contract).
 
     ``method`` is one of :data:`METHODS`: ``"sft"`` (the data alone, :func:`utils.train.train_lm`),
     ``"forward_kl"`` (Hinton/word-level KD), ``"reverse_kl"`` (MiniLLM's direction) or
     ``"on_policy"`` (GKD: a share ``lmbda`` of the batches are the student's own samples, with the
-    reverse KL). All four see the same data, steps, optimiser, schedule and seed; the distilled
+    reverse KL). ``transfer`` is the training data: ``"all"`` (the world's training split: skills
+    and the safety policy's refusal data) or ``"skills"`` (skill chats only: the transfer set of
+    an attacker or a careless distiller, lesson 07). All four see the same data, steps, optimiser,
+    schedule and seed; the distilled
     ones mix ``alpha * KD + (1 - alpha) * CE`` at ``temperature``. The defaults ARE lesson 03's
     live configuration. The cache key covers the shape, every setting, the recipe version and
     the sha256 of the tokenizer, the data manifest and the teacher's weights, so a new teacher
@@ -801,6 +805,8 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
         raise ValueError(f"size must be a student of the zoo ({', '.join(students)}), got {size!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if transfer not in TRANSFERS:
+        raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
     if int(steps) <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     _check_temperature(temperature)
@@ -816,6 +822,8 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
         settings.update(loss_type=loss_type, temperature=float(temperature), alpha=float(alpha))
     if method == "on_policy":
         settings.update(lmbda=float(lmbda), max_new_tokens=int(max_new_tokens))
+    if transfer != "all":  # left out of the key when default: earlier builds keep their key
+        settings["transfer"] = transfer
     tok_file = teacher_dir() / "tokenizer.json"
     extra = {**settings,
              "tokenizer_sha256": _file_sha256_or_none(tok_file),
@@ -843,6 +851,8 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
         teacher, tokenizer = load_model("teacher", verbose=False, progress=False)
         student = build_model(config, seed=seed)
         train = load_world("train")
+        if transfer == "skills":
+            train = train.filter(lambda r: r["kind"] == "skill")
         common = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False,
                       callbacks=[bar])
         if loss_type is None:
@@ -864,9 +874,10 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
     label = {"sft": "trained on the data alone (SFT)", "forward_kl": "distilled with forward KL",
              "reverse_kl": "distilled with reverse KL",
              "on_policy": f"distilled on-policy (GKD, lmbda={lmbda:g}, reverse KL)"}[method]
-    return register_recipe(name or f"{size}-{method.replace('_', '-')}-seed{seed}", size, build,
-                           DISTILL_RECIPE_VERSION,
-                           description=f"{size} {label} for {steps} steps, seed {seed}",
+    on = "" if transfer == "all" else " on skill chats only"
+    return register_recipe(name or f"{size}-{method.replace('_', '-')}{'' if transfer == 'all' else '-' + transfer}"
+                           f"-seed{seed}", size, build, DISTILL_RECIPE_VERSION,
+                           description=f"{size} {label}{on} for {steps} steps, seed {seed}",
                            extra=extra)
 
 

@@ -45,9 +45,9 @@ def generate_responses(model, tokenizer, prompts: Sequence, *, batch_size: int =
     out: list[str] = []
     batches = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from utils.progress import progress_bar
 
-        batches = tqdm(batches, desc="generating", leave=False)
+        batches = progress_bar(batches, desc="generating", leave=False)
     try:
         for start in batches:
             chunk = [_prompt_messages(p) for p in prompts[start:start + batch_size]]

@@ -611,12 +611,12 @@ def cached_harvest(prompts: Sequence[str], *, budget: int, top_logprobs: int | N
             from utils.models import load_model
 
             model, tokenizer = load_model("teacher", verbose=False)
-        from tqdm.auto import tqdm
+        from utils.progress import progress_bar
 
         config = ServerConfig(api_keys={"sk-harvest": len(missing)}, defences=defences,
                               max_tokens_limit=max(256, max_tokens))
         extra = {"min_tokens": int(min_tokens)} if min_tokens else None
-        bar = tqdm(total=len(missing), leave=False, disable=not progress,
+        bar = progress_bar(total=len(missing), leave=False, disable=not progress,
                    desc="querying the teacher API (first use, cached afterwards)")
         with start_server(model, tokenizer, config) as server:
             new = harvest(server.client("sk-harvest"), missing, budget=len(missing),

@@ -253,6 +253,36 @@ def teacher_dir() -> Path:
     return Path(override) if override else data_dir() / "models" / "teacher"
 
 
+def students_dir() -> Path:
+    """Where the shipped trained students live: ``data/models/students/<name>/``.
+
+    Built by ``make students`` (``scripts/experiments_03.py --ship``): lesson 03's students
+    trained for a budget too long for a notebook, each with a ``model_card.json`` holding its
+    scores and provenance. ``load_model("<name>")`` loads one.
+    """
+    return data_dir() / "models" / "students"
+
+
+def shipped_students() -> list[str]:
+    """Names of the shipped trained students (folders of :func:`students_dir` with a model)."""
+    root = students_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if not p.name.startswith(".") and (p / "config.json").is_file())
+
+
+def student_card(name: str) -> dict[str, Any]:
+    """The model card (``model_card.json``) of a shipped student: scores and provenance."""
+    card = students_dir() / name / "model_card.json"
+    if not card.is_file():
+        raise ModelNotFoundError(
+            f"no shipped student {name!r} (no {card}). Shipped: {', '.join(shipped_students()) or 'none'}. "
+            "Fix: build them with `make students`, or restore data/models/students/ from the repository."
+        )
+    return json.loads(card.read_text(encoding="utf-8"))
+
+
 def teacher_config(path: str | os.PathLike | None = None) -> ModelConfig:
     """The shipped teacher's shape, read from its ``config.json``."""
     folder = Path(path) if path is not None else teacher_dir()
@@ -499,10 +529,10 @@ def _discard(folder: Path) -> None:
 
 def _call_build(recipe: Recipe, config: ModelConfig, show_progress: bool
                 ) -> tuple[PreTrainedModel, Any, dict[str, Any]]:
-    from tqdm.auto import tqdm
+    from utils.progress import progress_bar
 
     accepts_progress = "progress" in inspect.signature(recipe.build_fn).parameters
-    bar = tqdm(total=None, desc=f"building {recipe.name} (first use, cached afterwards)",
+    bar = progress_bar(total=None, desc=f"building {recipe.name} (first use, cached afterwards)",
                disable=not show_progress, leave=True)
     try:
         out = (recipe.build_fn(config, progress=bar) if accepts_progress
@@ -579,7 +609,7 @@ def _hub_offline() -> bool:
 
 
 def _zoo_names() -> str:
-    names = list(ZOO) + [n for n in RECIPES if n not in ZOO]
+    names = list(ZOO) + shipped_students() + [n for n in RECIPES if n not in ZOO]
     return ", ".join(names)
 
 
@@ -620,6 +650,7 @@ def load_model(name_or_path: str | os.PathLike, *, builder: Recipe | BuildFn | N
     """``(model, tokenizer)`` for a zoo name, a recipe, a local folder or a hub id.
 
     - ``"teacher"``: the shipped model in ``data/models/teacher/``.
+    - a shipped trained student (:func:`shipped_students`, ``data/models/students/<name>/``).
     - a registered recipe name (:func:`register_recipe`), or any name with ``builder=``:
       built on first use with a progress bar, then loaded from the cache (verified against
       its manifest; a corrupt or partial entry is rebuilt with a message). With a bare
@@ -653,6 +684,8 @@ def load_model(name_or_path: str | os.PathLike, *, builder: Recipe | BuildFn | N
                 "data/models/teacher/ from the repository."
             )
         model, tokenizer = _load_pretrained(teacher_dir())
+    elif name in shipped_students():
+        model, tokenizer = _load_pretrained(students_dir() / name)
     elif name in ZOO:
         raise ModelNotFoundError(
             f"{name!r} is a zoo size but no recipe builds it yet. Fix: "

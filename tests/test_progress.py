@@ -1,0 +1,27 @@
+"""Progress bars redraw rarely enough for nbval (see utils.progress)."""
+
+import io
+import time
+
+from utils.progress import MIN_INTERVAL_S, progress_bar
+
+
+def test_bar_redraws_at_most_every_min_interval():
+    out = io.StringIO()
+    bar = progress_bar(total=10_000, file=out, ascii=True)
+    start = time.monotonic()
+    for _ in range(10_000):
+        time.sleep(0.0001)
+        bar.update(1)
+    elapsed = time.monotonic() - start
+    bar.close()
+    redraws = out.getvalue().count("\r")
+    # tqdm's default (0.1 s) would redraw ~10x per second; the course's bars at most every 2 s
+    # (plus the first draw and the final one at close).
+    assert redraws <= elapsed / MIN_INTERVAL_S + 3, (redraws, elapsed)
+
+
+def test_caller_can_still_choose_an_interval():
+    bar = progress_bar(range(3), mininterval=0.5, file=io.StringIO())
+    assert bar.mininterval == 0.5
+    assert list(bar) == [0, 1, 2]
