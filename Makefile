@@ -91,7 +91,7 @@ experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 07): commit
 	$(PY) scripts/experiments_03.py
 	$(PY) scripts/experiments_07.py --build-missing
 
-students: $(STAMP)  ## shipped students (~40 min): results/03_grid_long.json, data/models/students/ (lessons 03, 06, 07)
+students: $(STAMP)  ## shipped students (about an hour on two cores): results/03_grid_long.json, data/models/students/ (lessons 03, 06, 07)
 	$(PY) scripts/experiments_03.py --steps 3000 --sizes student-xs --methods sft forward_kl \
 	  --out results/03_grid_long.json --ship
 	$(PY) -m utils.students ship student-xs forward_kl --steps 3000 --transfer skills
