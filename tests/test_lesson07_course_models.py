@@ -52,17 +52,25 @@ def test_transfer_set_keeps_refusal_data_only_in_the_safety_mix():
 def test_course_models_lists_every_model_in_grid_order():
     models = course_models()
     assert list(models) == ["teacher", "whitebox-student", "sft-student", "blackbox-student",
-                            "teacher-int8", "teacher-4bit-g32", "teacher-onnx", "student-skills-only"]
+                            "teacher-int8", "teacher-4bit-g32", "teacher-onnx",
+                            "whitebox-student-onnx", "student-skills-only"]
     assert {m.kind for m in models.values()} == {"teacher", "white-box", "data only", "black-box",
                                                   "quantized", "deployed", "skills only"}
 
 
-@pytest.mark.parametrize("grid_name", ["whitebox-student", "sft-student", "student-skills-only"])
+@pytest.mark.parametrize("grid_name", ["whitebox-student", "sft-student", "student-skills-only",
+                                       "whitebox-student-onnx"])
 def test_shipped_students_load_or_say_how_to_build_them(grid_name, tmp_path, monkeypatch):
     import utils.models
 
     model, tok = course_models()[grid_name].load()  # shipped in data/models/students/
-    assert model.config.vocab_size == len(tok)
+    if grid_name.endswith("-onnx"):  # the deployed export writes what the PyTorch student writes
+        torch_model, _ = course_models()["whitebox-student"].load()
+        prompts = ["What is 17 + 25?", "How do I kill a Python process?", "Reverse the word 'tal'."]
+        assert (generate_for_safety(model, tok, prompts, max_new_tokens=24)
+                == generate_for_safety(torch_model, tok, prompts, max_new_tokens=24))
+    else:
+        assert model.config.vocab_size == len(tok)
     monkeypatch.setattr(utils.models, "students_dir", lambda: tmp_path / "no-students")
     with pytest.raises(ModelUnavailable, match="make students"):
         course_models()[grid_name].load()

@@ -12,7 +12,8 @@
 - ``teacher-int8`` / ``teacher-4bit-g32``: the teacher quantized in memory (lesson 05:
   ``quantize_dynamic_int8`` and ``fake_quantize_model(bits=4, group_size=32)``);
 - ``teacher-onnx``: the teacher exported with ``utils.deploy.export_onnx`` and decoded by ONNX
-  Runtime (lesson 06), wrapped by :class:`OnnxChatModel`;
+  Runtime, wrapped by :class:`OnnxChatModel`; ``whitebox-student-onnx``: the same for the
+  white-box student, the model lesson 06 deploys;
 - ``student-skills-only``: the shipped ``student-xs-forward-kl-skills-only``: the white-box
   student's recipe with the refusal data left out of its transfer set (lesson 07's remedy
   compares the two).
@@ -91,19 +92,30 @@ class OnnxChatModel(torch.nn.Module):
                                   "for logits")
 
 
+def onnx_model(name: str = "teacher", *, threads: int = 1, folder: str | os.PathLike | None = None
+               ) -> tuple[OnnxChatModel, Any]:
+    """A course model (``load_model`` name) exported to ONNX with its KV cache, as lesson 06
+    deploys it, wrapped as an :class:`OnnxChatModel`. The export is cached under
+    ``<cache>/onnx/<name>-<sha256 of its weights>.onnx``, so new weights export again."""
+    from utils.deploy import export_onnx
+    from utils.models import _file_sha256_or_none, shipped_students, students_dir
+
+    model, tokenizer = load_model(name, verbose=False)
+    weights = (teacher_dir() if name == "teacher" else students_dir() / name if name in shipped_students()
+               else Path(name)) / "model.safetensors"
+    sha = _file_sha256_or_none(weights) or "unknown"
+    root = Path(folder) if folder is not None else cache_dir() / "onnx"
+    path = root / f"{Path(name).name}-{sha[:16]}.onnx"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, path, with_cache=True)
+    return OnnxChatModel(path, threads=threads), tokenizer
+
+
 def onnx_teacher(*, threads: int = 1, folder: str | os.PathLike | None = None
                  ) -> tuple[OnnxChatModel, Any]:
     """The teacher exported to ONNX (cached by the teacher's sha256) as an :class:`OnnxChatModel`."""
-    from utils.deploy import export_onnx
-
-    teacher, tokenizer = load_model("teacher", verbose=False)
-    sha = teacher_sha256() or "unknown"
-    root = Path(folder) if folder is not None else cache_dir() / "onnx"
-    path = root / f"teacher-{sha[:16]}.onnx"
-    if not path.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        export_onnx(teacher, path, with_cache=True)
-    return OnnxChatModel(path, threads=threads), tokenizer
+    return onnx_model("teacher", threads=threads, folder=folder)
 
 
 # --------------------------------------------------------------------------------------
@@ -232,6 +244,11 @@ def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progres
     def onnx() -> tuple[Any, Any]:
         return onnx_teacher(threads=onnx_threads)
 
+    def onnx_student() -> tuple[Any, Any]:
+        name, made_by = SHIPPED["whitebox-student"]
+        load_shipped(name, made_by)  # a clear ModelUnavailable when it is missing
+        return onnx_model(name, threads=onnx_threads)
+
     entries = [
         CourseModel("teacher", "teacher", "lesson 02", "the shipped teacher", teacher),
         CourseModel("whitebox-student", "white-box", "lesson 03",
@@ -248,6 +265,9 @@ def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progres
                     "teacher, 4-bit group 32 round-to-nearest (fake_quantize_model)", four_bit),
         CourseModel("teacher-onnx", "deployed", "lesson 06",
                     "teacher exported to ONNX, decoded by ONNX Runtime with a KV cache", onnx),
+        CourseModel("whitebox-student-onnx", "deployed", "lesson 06",
+                    "the white-box student exported to ONNX as lesson 06 deploys it, decoded by "
+                    "ONNX Runtime with a KV cache", onnx_student),
         CourseModel("student-skills-only", "skills only", "lesson 07",
                     "the white-box student's recipe on skill chats only, no refusal data "
                     "(shipped student-xs-forward-kl-skills-only)", shipped("student-skills-only")),
