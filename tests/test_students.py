@@ -102,3 +102,11 @@ def test_shipped_weights_reproduce_recorded_responses_and_grid_score(shipped):
 def test_an_unknown_student_name_lists_the_shipped_ones():
     with pytest.raises(ModelNotFoundError, match="student-xs-forward-kl"):
         student_card("student-xs-nothing")
+
+
+def test_local_folder_names_the_folder_a_model_loads_from(tmp_path):
+    from utils.models import local_folder
+
+    assert local_folder("teacher") == teacher_dir()
+    assert local_folder("student-xs-sft") == students_dir() / "student-xs-sft"
+    assert local_folder(tmp_path) == tmp_path

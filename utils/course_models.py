@@ -98,12 +98,10 @@ def onnx_model(name: str = "teacher", *, threads: int = 1, folder: str | os.Path
     deploys it, wrapped as an :class:`OnnxChatModel`. The export is cached under
     ``<cache>/onnx/<name>-<sha256 of its weights>.onnx``, so new weights export again."""
     from utils.deploy import export_onnx
-    from utils.models import _file_sha256_or_none, shipped_students, students_dir
+    from utils.models import _file_sha256_or_none, local_folder
 
     model, tokenizer = load_model(name, verbose=False)
-    weights = (teacher_dir() if name == "teacher" else students_dir() / name if name in shipped_students()
-               else Path(name)) / "model.safetensors"
-    sha = _file_sha256_or_none(weights) or "unknown"
+    sha = _file_sha256_or_none(local_folder(name) / "model.safetensors") or "unknown"
     root = Path(folder) if folder is not None else cache_dir() / "onnx"
     path = root / f"{Path(name).name}-{sha[:16]}.onnx"
     if not path.is_file():

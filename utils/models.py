@@ -272,6 +272,16 @@ def shipped_students() -> list[str]:
                   if not p.name.startswith(".") and (p / "config.json").is_file())
 
 
+def local_folder(name_or_path: str | os.PathLike) -> Path:
+    """The folder a local model loads from: the shipped teacher, a shipped student, or a path."""
+    name = os.fspath(name_or_path)
+    if name == "teacher":
+        return teacher_dir()
+    if name in shipped_students():
+        return students_dir() / name
+    return Path(name).expanduser()
+
+
 def student_card(name: str) -> dict[str, Any]:
     """The model card (``model_card.json``) of a shipped student: scores and provenance."""
     card = students_dir() / name / "model_card.json"
