@@ -233,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rule": "every k-th skill record, k = len(skill records) // n"},
         "teacher": {"params": count_parameters(teacher), "score": teacher_scored["score"],
                     "token_accuracy": teacher_scored["token_accuracy"], "perplexity": teacher_scored["perplexity"],
-                    "weights": str(teacher_dir().relative_to(ROOT)) if teacher_dir().is_relative_to(ROOT)
-                    else str(teacher_dir()), "tokenizer_sha256": card_sha},
+                    "weights": _display_path(teacher_dir()), "tokenizer_sha256": card_sha},
         "settings": {**DISTILL_DEFAULTS, "steps": args.steps, "seeds": args.seeds},
         "runs": runs,
         "summary": summarise(runs),
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = ship_student(row, payload, threads=args.threads * args.jobs,
                                   root=Path(args.ship_dir) if args.ship_dir else None,
                                   eval_limit=60 if args.quick else None)
-            print(f"  shipped {folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}")
+            print(f"  shipped {_display_path(folder)}")
     if missing:
         print("  not in the cache, left out:", ", ".join(f"{m['size']} {m['method']}" for m in missing))
     for row in payload["summary"]:
