@@ -87,8 +87,9 @@ execute: $(STAMP)  ## re-execute solutions/ in place (outputs, measured run time
 	$(PY) -m utils.lessons execute
 	$(PY) scripts/results_doc.py
 
-experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 07): commit results/*_grid.json
+experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 04, 07): commit results/*_grid.json
 	$(PY) scripts/experiments_03.py
+	$(PY) scripts/experiments_04.py
 	$(PY) scripts/experiments_07.py --build-missing
 
 students: $(STAMP)  ## shipped students (about an hour on two cores): results/03_grid_long.json, data/models/students/ (lessons 03, 06, 07)

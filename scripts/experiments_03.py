@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -157,16 +156,6 @@ def ship_student(row: dict, payload: dict, *, threads: int, root: Path | None = 
                        threads=threads, root=root, eval_limit=eval_limit)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup(args.threads)
@@ -175,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.distill import eval_subset, teacher_forced_exact_match
     from utils.io import atomic_write_json
     from utils.models import count_parameters, load_model, teacher_card, teacher_dir
-    from utils.results import provenance
+    from utils.results import cpu_name, provenance
 
     start = time.perf_counter()
     teacher, tokenizer = load_model("teacher", verbose=False)
@@ -221,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance()
     prov.update({"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
                  if argv is None else "python scripts/experiments_03.py " + " ".join(argv),
-                 "cpu": _cpu_name(), "jobs": args.jobs, "threads_per_job": args.threads,
+                 "cpu": cpu_name(), "jobs": args.jobs, "threads_per_job": args.threads,
                  "wall_seconds": round(wall, 1), "quick": args.quick,
                  "out": _display_path(Path(args.out)),
                  "partial": bool(missing) or len(args.sizes) < len(GRID)

@@ -515,6 +515,20 @@ def skill_prompts(split: str = "train", n: int | None = None, *, seed: int = 0) 
     return prompts if n is None else prompts[:n]
 
 
+def fidelity_eval_records(n: int = 64) -> list[dict]:
+    """Lesson 04's held-out evaluation set: every k-th *skill* record of the test split, ``n`` of them.
+
+    ``k = len(skill records) // n``; the notebook and ``scripts/experiments_04.py`` score on the
+    same records, so a live student and the committed grid compare like for like.
+    """
+    from utils.data import read_split
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    skills = [r for r in read_split("test") if r["kind"] == "skill"]
+    return skills[:: max(1, len(skills) // n)][:n]
+
+
 def _sha256_file(path: Any) -> str | None:
     import hashlib
     from pathlib import Path

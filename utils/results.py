@@ -18,6 +18,17 @@ from utils.io import atomic_write_json
 from utils.paths import repo_root, results_dir
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance() -> dict[str, Any]:
     """Where and when a number was measured: machine, versions, date, git commit."""
     import torch
