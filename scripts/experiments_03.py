@@ -29,7 +29,6 @@ every seed is already cached, listing the others under ``missing`` (``provenance
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
 from utils.distill import DISTILL_DEFAULTS  # noqa: E402 - after the sys.path line above
+from utils.noise import quiet_cpu_worker  # noqa: E402
 
 DEFAULT_STEPS = DISTILL_DEFAULTS["steps"]  # the recipe's default: the notebook's live budget
 GRID = (("student-xs", ("sft", "forward_kl", "reverse_kl", "on_policy")),
@@ -84,20 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _setup(threads: int) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    from utils.noise import silence_library_noise
-
-    silence_library_noise()
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def run_one(size: str, method: str, seed: int, steps: int, n_eval: int, threads: int) -> dict:
     """Build (or load from the cache) one student and score it: one row of the grid."""
-    _setup(threads)
+    quiet_cpu_worker(threads)
     from utils.distill import distill_recipe, eval_subset, teacher_forced_exact_match
     from utils.models import count_parameters, entry_dir, load_model, read_manifest
 
@@ -158,7 +147,7 @@ def ship_student(row: dict, payload: dict, *, threads: int, root: Path | None = 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _setup(args.threads)
+    quiet_cpu_worker(args.threads)
     from tqdm.auto import tqdm
 
     from utils.distill import eval_subset, teacher_forced_exact_match

@@ -25,7 +25,6 @@ provenance (command, machine, date, git commit, versions) and the teacher's fing
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
+
+from utils.noise import quiet_cpu_worker  # noqa: E402 - after the sys.path line above
 
 BUDGETS = (32, 96, 192, 512, 2048)
 GRANULARITIES = ("text", "topk")
@@ -67,20 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _setup(threads: int) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    from utils.noise import silence_library_noise
-
-    silence_library_noise()
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def harvest_seed(seed: int, budget: int, threads: int) -> dict:
     """Phase 1: the teacher's answers to the first ``budget`` shuffled skill prompts (cached)."""
-    _setup(threads)
+    quiet_cpu_worker(threads)
     from utils.extraction import cached_harvest, skill_prompts
 
     start = time.perf_counter()
@@ -96,7 +86,7 @@ _REFERENCE: dict[int, tuple] = {}  # per process: n_eval -> (records, teacher re
 
 def run_one(queries: int, granularity: str, seed: int, steps: int, n_eval: int, threads: int) -> dict:
     """Phase 2: build (or load from the cache) one black-box student and score it."""
-    _setup(threads)
+    quiet_cpu_worker(threads)
     from utils.extraction import (
         blackbox_fidelity,
         blackbox_recipe,
@@ -167,7 +157,7 @@ def _map(fn, jobs: list[tuple], n: int, desc: str) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _setup(args.threads)
+    quiet_cpu_worker(args.threads)
     import numpy as np
 
     from utils.evaluate import score_records

@@ -37,3 +37,14 @@ def silence_library_noise() -> None:
         datasets.disable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
+
+
+def quiet_cpu_worker(threads: int) -> None:
+    """Set up a script's worker process: offline hub, ``threads`` OpenMP and torch threads,
+    quiet libraries. Call it before anything imports torch (OpenMP reads its variable once)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    silence_library_noise()
+    import torch
+
+    torch.set_num_threads(threads)
