@@ -64,7 +64,7 @@ SPLITS = ("train", "validation", "test")
 SKILLS = ("arithmetic", "strings", "sorting", "conversion", "facts")
 ANSWER_PREFIX = "Answer: "
 
-WORLD_VERSION = 3  # bump when what the generator writes changes (the manifest records it)
+WORLD_VERSION = 4  # bump when what the generator writes changes (the manifest records it)
 
 # Examples per split, (train, validation, test), for every sub-task of a skill. ``None`` for
 # train: every problem left after validation and test. Facts use every fact (FACT_* below).
@@ -152,8 +152,10 @@ def _arith_response(op: str, a: int, b: int) -> tuple[str, str]:
     """A short digit-by-digit scratchpad (least significant digit first), then the answer.
 
     Every step is one fact a small model can learn: a single-digit sum, difference or product,
-    or adding a carry. Multiplication writes the tens product before adding the carry
-    (``tens 7*7=49, 49+5=54``), so the times table is practised on its own. Equations are
+    or adding a carry. Multiplication writes the tens product before adding the carry, and adds
+    it digit by digit (``tens 7*7=49, 9+2=11, write 1 carry 1; hundreds 4+1=5``): teacher v3
+    wrote ``49+2=49`` when the carry joined a two-digit product in one step (about 300 such
+    facts, each rare), while single-digit sums are practised by every addition. Equations are
     written without spaces: each digit is one token either way, and the spaces would be
     tokens too (a sixth of every response).
     """
@@ -175,7 +177,12 @@ def _arith_response(op: str, a: int, b: int) -> tuple[str, str]:
         p0 = a0 * b
         c = p0 // 10
         t = a1 * b
-        steps = f"{a}*{b}: ones {a0}*{b}={p0}, write {p0 % 10} carry {c}; tens {a1}*{b}={t}, {t}+{c}={t + c}."
+        s0 = t % 10 + c  # the carry joins the tens product digit by digit: single-digit sums only
+        steps = (f"{a}*{b}: ones {a0}*{b}={p0}, write {p0 % 10} carry {c}; "
+                 f"tens {a1}*{b}={t}, {t % 10}+{c}={s0}, write {s0 % 10} carry {s0 // 10}")
+        if t // 10 + s0 // 10:  # a hundreds digit: only when the product has three digits
+            steps += f"; hundreds {t // 10}+{s0 // 10}={t // 10 + s0 // 10}"
+        steps += "."
         ans = a * b
     return f"{steps} {ANSWER_PREFIX}{ans}", str(ans)
 
@@ -372,10 +379,15 @@ METRIC = (  # (big unit, small unit, factor)
     ("kilograms", "grams", 1000), ("centimeters", "millimeters", 10),
     ("liters", "milliliters", 1000),
 )
-FICTIONAL_UNITS = (  # the world's units: 1 big = factor small
+FICTIONAL_UNITS = (  # the world's units: 1 big = factor small (every factor 3-9 at least twice)
     ("glorbs", "zints", 4), ("drams", "pips", 6), ("leagues", "strides", 8),
     ("bushels", "quarts", 3), ("moons", "tides", 7), ("crowns", "pennies", 9),
+    ("quills", "motes", 5), ("barrels", "flagons", 4), ("spans", "nails", 3),
+    ("cords", "knots", 7), ("wagons", "sacks", 6), ("bells", "chimes", 9),
+    ("ridges", "steps", 8), ("hives", "combs", 5), ("marks", "grains", 3),
+    ("rolls", "sheets", 6), ("towers", "floors", 7), ("herds", "beasts", 8),
 )
+FICTIONAL_TRAIN_PHRASINGS = 2  # each training problem of the world's units in this many phrasings
 CONV_FRAMES = {
     "down": ("How many {s} are in {n} {b}?", "Convert {n} {b} to {s}.", "{n} {b} is how many {s}?",
              "Express {n} {b} in {s}.", "What is {n} {b} in {s}?"),
@@ -728,9 +740,9 @@ def generate_world(seed: int = SEED) -> dict[str, list[dict]]:
             parts = _split_items(items[cat], counts, rng)
             for s in SPLITS:
                 if (skill, cat, s) == ("conversion", "fictional", "train"):
-                    # the world's units have few problems: train each in every phrasing
+                    # the world's units have few problems: train each in several phrasings
                     recs = [_conv_example(cat, it, rng, frame) for it in parts[s]
-                            for frame in CONV_FRAMES[it[0]]]
+                            for frame in rng.sample(CONV_FRAMES[it[0]], FICTIONAL_TRAIN_PHRASINGS)]
                 else:
                     recs = [make(cat, it, rng) for it in parts[s]]
                 skill_split[skill][s] += recs
