@@ -64,7 +64,7 @@ SPLITS = ("train", "validation", "test")
 SKILLS = ("arithmetic", "strings", "sorting", "conversion", "facts")
 ANSWER_PREFIX = "Answer: "
 
-WORLD_VERSION = 4  # bump when what the generator writes changes (the manifest records it)
+WORLD_VERSION = 5  # bump when what the generator writes changes (the manifest records it)
 
 # Examples per split, (train, validation, test), for every sub-task of a skill. ``None`` for
 # train: every problem left after validation and test. Facts use every fact (FACT_* below).
@@ -410,18 +410,25 @@ def _conv_items() -> dict[str, list[Any]]:
 
 
 def _conv_response(cat: str, direction: str, big: str, small: str, f: int, n: int) -> tuple[str, str]:
-    """Restate the unit, then one step: multiply going down. Going up, metric units divide
-    (drop zeros); the world's units count up the unit's table until the amount is reached
-    (``1 glorb is 4 zints; 2 are 8, 3 are 12. Answer: 3``), as a times-table row, so no
-    division fact has to be memorised."""
+    """Restate the unit and the amount with its unit, then one step: multiply going down;
+    going up, metric units divide (drop zeros) and the world's units count up the unit's
+    table, each row beside the amount to reach, until it is reached
+    (``1 glorb is 4 zints; 12 zints: 2 are 8 of 12, 3 are 12 of 12. Answer: 3``), so no
+    division fact has to be memorised.
+
+    Writing the amount with its unit first puts the unit that decides the direction right
+    before the step (teacher v4 multiplied where it should divide, and the reverse, in most
+    of its conversion errors), and the amount beside every row makes "stop here" a comparison
+    of two adjacent numbers (v4 counted past the amount).
+    """
     m = n * f
     unit = f"1 {big[:-1]} is {f} {small}"
     if direction == "down":
-        return f"{unit}; {n}*{f}={m}. {ANSWER_PREFIX}{m}", str(m)
+        return f"{unit}; {n} {big} is {n}*{f}={m} {small}. {ANSWER_PREFIX}{m}", str(m)
     if cat == "metric":
-        return f"{unit}; {m}/{f}={n}. {ANSWER_PREFIX}{n}", str(n)
-    row = ", ".join(f"{i} are {i * f}" for i in range(2, n + 1))
-    return f"{unit}; {row}. {ANSWER_PREFIX}{n}", str(n)
+        return f"{unit}; {m} {small} is {m}/{f}={n} {big}. {ANSWER_PREFIX}{n}", str(n)
+    row = ", ".join(f"{i} are {i * f} of {m}" for i in range(2, n + 1))
+    return f"{unit}; {m} {small}: {row}. {ANSWER_PREFIX}{n}", str(n)
 
 
 def _conv_example(cat: str, item: Any, rng: random.Random, frame: str | None = None) -> dict:
