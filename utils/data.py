@@ -64,7 +64,7 @@ SPLITS = ("train", "validation", "test")
 SKILLS = ("arithmetic", "strings", "sorting", "conversion", "facts")
 ANSWER_PREFIX = "Answer: "
 
-WORLD_VERSION = 6  # bump when what the generator writes changes (the manifest records it)
+WORLD_VERSION = 5  # bump when what the generator writes changes (the manifest records it)
 
 # Examples per split, (train, validation, test), for every sub-task of a skill. ``None`` for
 # train: every problem left after validation and test. Facts use every fact (FACT_* below).
@@ -387,7 +387,7 @@ FICTIONAL_UNITS = (  # the world's units: 1 big = factor small (every factor 3-9
     ("ridges", "steps", 8), ("hives", "combs", 5), ("marks", "grains", 3),
     ("rolls", "sheets", 6), ("towers", "floors", 7), ("herds", "beasts", 8),
 )
-FICTIONAL_TRAIN_PHRASINGS = 5  # each training problem of the world's units in all its phrasings (stopping needs examples)
+FICTIONAL_TRAIN_PHRASINGS = 2  # each training problem of the world's units in this many phrasings
 CONV_FRAMES = {
     "down": ("How many {s} are in {n} {b}?", "Convert {n} {b} to {s}.", "{n} {b} is how many {s}?",
              "Express {n} {b} in {s}.", "What is {n} {b} in {s}?"),
