@@ -67,8 +67,9 @@ check-lessons: $(STAMP)  ## fail when lessons/ differs from what solutions/ gene
 check-data: $(STAMP)  ## fail when committed data/ differs from its generator
 	$(PY) -m utils.data check
 
-data: $(STAMP)  ## regenerate the world's data in data/world/ (deterministic)
+data: $(STAMP)  ## regenerate the world's data in data/world/ and retrain its tokenizer (deterministic)
 	$(PY) -m utils.data generate
+	$(PY) -m utils.tokenizer build
 
 teacher: $(STAMP)  ## build the shipped teacher into data/models/teacher/ (about 30 min)
 	$(PY) scripts/build_teacher.py

@@ -9,11 +9,19 @@ import pytest
 
 from utils import data
 from utils.data import (
+    BENIGN_HOWTO_CATEGORIES,
     FACT_FRAMES_SEEN,
     FACT_FRAMES_TEST,
+    FACT_FRAMES_VALIDATION,
+    HOWTO_FRAMES_HELDOUT,
+    HOWTO_FRAMES_SEEN,
     JAILBREAKS_HELDOUT,
+    JAILBREAKS_SEEN,
     REFUSALS,
+    SKILL_COUNTS,
     SPLITS,
+    STRING_LENGTHS,
+    WORLD_VERSION,
     check_splits,
     extract_answer,
     generate_world,
@@ -89,9 +97,15 @@ def test_wrapped_requests_are_not_all_refusals(world):
 def test_skill_problems_do_not_cross_splits(world):
     """A test arithmetic/string/sorting/conversion problem is never trained on in any phrasing."""
     def key(r):  # the working in the response names the problem whatever the phrasing
+        prompt = r["messages"][0]["content"]
         if r["skill"] == "sorting" and r["category"] in ("ascending", "descending"):
-            # a sort answer is shared by every order of the same digits: the problem is the list
-            return r["category"], tuple(re.findall(r"\d+", r["messages"][0]["content"]))
+            # every order of the same digits has the same answer: the problem is the set
+            return r["category"], frozenset(re.findall(r"\d+", prompt))
+        if r["skill"] == "strings":
+            # the spelled word (and position) is the problem: nth's working stops at letter k,
+            # so its response does not name the whole word
+            word = re.search(r"\b(?:[a-z] ){3,}[a-z]\b", prompt).group(0)
+            return r["category"], word, tuple(re.findall(r"\d+", prompt))
         return r["messages"][1]["content"]
     for skill in ("arithmetic", "strings", "sorting", "conversion"):
         train = {key(r) for r in world["train"] if r["kind"] == "skill" and r["skill"] == skill}
@@ -106,6 +120,89 @@ def test_facts_use_heldout_phrasings(world):
     assert set(FACT_FRAMES_SEEN).isdisjoint(FACT_FRAMES_TEST)
     starts = {f.split("{")[0] for f in FACT_FRAMES_TEST if not f.startswith("{")}
     assert all(any(r["messages"][0]["content"].startswith(s) for s in starts) for r in test_facts)
+
+
+def test_every_sub_task_has_its_designed_count(world):
+    """A skill's test score weighs its operations as SKILL_COUNTS says (not as a pool happens
+    to be mixed): v2's test held 10 multiplications out of 200 arithmetic problems."""
+    for skill, cats in SKILL_COUNTS.items():
+        for cat, counts in cats.items():
+            for split, n in zip(SPLITS, counts, strict=True):
+                got = sum(r["kind"] == "skill" and r["skill"] == skill and r["category"] == cat
+                          for r in world[split])
+                assert got == n if n is not None else got > 0, (skill, cat, split, got)
+
+
+def _letters(response: str) -> list[tuple[str, int]]:
+    working = response.split(". Answer:")[0].split(": ", 1)[1]
+    return [(t[0], int(t[1:])) for t in working.split()]
+
+
+def test_string_answers_are_the_last_step_of_the_working(world):
+    """Letters are tagged with their positions (``b1 o2 n3``); count answers the last position,
+    nth stops at position k and answers that letter, reverse walks the positions back."""
+    lengths = {}
+    for r in world["train"] + world["test"]:
+        if r["kind"] != "skill" or r["skill"] != "strings":
+            continue
+        prompt, response = (m["content"] for m in r["messages"])
+        word = re.search(r"\b(?:[a-z] ){3,}[a-z]\b", prompt).group(0).replace(" ", "")
+        tagged = _letters(response)
+        assert [i for _, i in tagged] == list(range(1, len(tagged) + 1)), response
+        assert "".join(ch for ch, _ in tagged) == word[:len(tagged)], (prompt, response)
+        if r["category"] == "count":
+            assert len(tagged) == len(word) and r["answer"] == str(len(word))
+        elif r["category"] == "nth":
+            k = int(re.search(r"\d+", prompt).group(0))
+            assert len(tagged) == k and r["answer"] == word[k - 1]
+        else:
+            assert r["answer"] == " ".join(f"{ch}{i}" for ch, i in reversed(tagged))
+            assert len(tagged) == len(word)
+        lengths.setdefault(r["category"], []).append(len(word))
+    for cat, ns in lengths.items():  # every word length about equally often
+        share = {n: ns.count(n) / len(ns) for n in STRING_LENGTHS}
+        assert all(0.15 <= v <= 0.25 for v in share.values()), (cat, share)
+
+
+def _frame(prompt: str, frames: tuple[str, ...]) -> str | None:
+    hits = [f for f in frames if f.split("{a}")[0].lower() in prompt.lower()]
+    return hits[0] if len(hits) == 1 else None
+
+
+def test_every_request_frame_carries_restricted_and_benign_alike(world):
+    """The frame never tells which requests to refuse: in training every seen frame holds
+    about as many benign look-alikes as restricted requests, and test asks both kinds in
+    every held-out frame."""
+    for split, frames, least in (("train", HOWTO_FRAMES_SEEN, 60), ("test", HOWTO_FRAMES_HELDOUT, 20)):
+        counts = {f: [0, 0] for f in frames}
+        for r in world[split]:
+            if r["kind"] == "restricted" or (r["kind"] == "benign" and r["category"] in BENIGN_HOWTO_CATEGORIES):
+                frame = _frame(r["messages"][0]["content"], frames)
+                assert frame is not None, r["messages"][0]["content"]
+                counts[frame][r["kind"] == "benign"] += 1
+        for frame, (n_restricted, n_benign) in counts.items():
+            assert min(n_restricted, n_benign) >= least, (split, frame, n_restricted, n_benign)
+            if split == "train":
+                assert 2 / 3 <= n_benign / n_restricted <= 3 / 2, (frame, n_restricted, n_benign)
+
+
+def test_heldout_phrasings_never_reach_training(world):
+    """Held-out request frames and fact phrasings stay out of training (plain or wrapped), so
+    test still measures a new phrasing; their styles are covered by other wordings."""
+    train = [r["messages"][0]["content"].lower() for r in world["train"]]
+    for frame in HOWTO_FRAMES_HELDOUT:
+        start = frame.split("{a}")[0].lower()
+        assert not any(start in p for p in train), frame
+    for frame in FACT_FRAMES_TEST + FACT_FRAMES_VALIDATION:
+        start = frame.split("{")[0].lower() or frame.split("}")[1].lower()
+        assert not any(start in p for p in train), frame
+
+
+def test_seen_templates_wrap_as_much_to_answer_as_to_refuse(world):
+    for name in JAILBREAKS_SEEN:
+        wrapped = [r for r in world["train"] if r["template"] == name]
+        refuse = sum(r["should_refuse"] for r in wrapped)
+        assert 0.8 <= (len(wrapped) - refuse) / refuse <= 1.25, (name, refuse, len(wrapped))
 
 
 def test_refusals_are_varied_and_recognisable():
@@ -127,6 +224,7 @@ def test_committed_files_match_generator_and_manifest():
         pytest.skip("data/world not generated yet: run python -m utils.data generate")
     assert data.check_world() == [], "run `python -m utils.data generate`"
     manifest = json.loads((world_dir() / "manifest.json").read_text())
+    assert manifest["version"] == WORLD_VERSION
     import hashlib
     for name, info in manifest["files"].items():
         blob = (world_dir() / name).read_bytes()

@@ -58,3 +58,16 @@ def test_train_tokenizer_small_corpus():
     assert t.decode(t("hello 99")["input_ids"]) == "hello 99"
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer(["x"], vocab_size=100)
+
+
+def test_committed_tokenizer_is_trained_on_the_committed_training_split(tok):
+    """A changed world needs a retrained tokenizer (``make data`` does both): BPE merges come
+    from the training split, so a stale tokenizer would split the new texts differently."""
+    import json
+
+    from utils.tokenizer import build_world_tokenizer
+
+    fresh = build_world_tokenizer()
+    merges = [json.loads(t.backend_tokenizer.to_str())["model"]["merges"] for t in (fresh, tok)]
+    assert fresh.get_vocab() == tok.get_vocab() and merges[0] == merges[1], \
+        "run `python -m utils.tokenizer build` (or `make data`) and commit data/tokenizer/"
