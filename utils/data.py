@@ -38,7 +38,8 @@ Split design (no prompt leaks across splits; ``check_splits`` asserts it):
   templates appear only in test. In training each seen template wraps about as many requests
   to answer as requests to refuse.
 
-``WORLD_VERSION`` is written into the manifest (version 3: see ``docs/WORLD_V3_NOTES.md``).
+``WORLD_VERSION`` is written into the manifest; ``docs/WORLD_DESIGN.md`` says why each version
+changed and what its teacher measured.
 
 ``python -m utils.data generate`` writes ``data/world/``; ``python -m utils.data check``
 regenerates in memory and exits 1 naming the file that differs from the committed one.
