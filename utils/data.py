@@ -65,7 +65,7 @@ SPLITS = ("train", "validation", "test")
 SKILLS = ("arithmetic", "strings", "sorting", "conversion", "facts")
 ANSWER_PREFIX = "Answer: "
 
-WORLD_VERSION = 5  # bump when what the generator writes changes (the manifest records it)
+WORLD_VERSION = 8  # bump when what the generator writes changes (the manifest records it)
 
 # Examples per split, (train, validation, test), for every sub-task of a skill. ``None`` for
 # train: every problem left after validation and test. Facts use every fact (FACT_* below).
@@ -375,6 +375,11 @@ def _sort_example(op: str, xs: Any, rng: random.Random) -> dict:
     return _record("skill", prompt, response, skill="sorting", category=op, answer=ans)
 
 
+# Metric amounts in the bigger unit are 1-99, like every number the world's arithmetic uses.
+# Teacher v5 (amounts up to 999) lost or gained a zero, or a digit, when it copied an amount of
+# five or six digits into its working (``320000 -> 32000``, ``188 -> 18``): see
+# docs/WORLD_DESIGN.md, section 11. Lesson 02 invites the learner to ask for 320000 grams.
+METRIC_MAX_AMOUNT = 99
 METRIC = (  # (big unit, small unit, factor)
     ("meters", "centimeters", 100), ("kilometers", "meters", 1000),
     ("kilograms", "grams", 1000), ("centimeters", "millimeters", 10),
@@ -400,7 +405,7 @@ CONV_FRAMES = {
 def _conv_items() -> dict[str, list[Any]]:
     items: dict[str, list[Any]] = {"metric": [], "fictional": []}
     for big, small, f in METRIC:
-        for n in range(1, 1000):
+        for n in range(1, METRIC_MAX_AMOUNT + 1):
             items["metric"].append(("down", big, small, f, n))
             items["metric"].append(("up", big, small, f, n))
     for big, small, f in FICTIONAL_UNITS:
@@ -414,13 +419,14 @@ def _conv_response(cat: str, direction: str, big: str, small: str, f: int, n: in
     """Restate the unit and the amount with its unit, then one step: multiply going down;
     going up, metric units divide (drop zeros) and the world's units count up the unit's
     table, each row beside the amount to reach, until it is reached
-    (``1 glorb is 4 zints; 12 zints: 2 are 8 of 12, 3 are 12 of 12. Answer: 3``), so no
+    (``1 glorb is 4 zints; 12 zints: 2 are 8 < 12, 3 are 12 = 12. Answer: 3``), so no
     division fact has to be memorised.
 
     Writing the amount with its unit first puts the unit that decides the direction right
     before the step (teacher v4 multiplied where it should divide, and the reverse, in most
     of its conversion errors), and the amount beside every row makes "stop here" a comparison
-    of two adjacent numbers (v4 counted past the amount).
+    of two adjacent numbers (v4 counted past the amount). Since v8 that comparison is written
+    out (``3 are 12 = 12``, ``<`` on the rows before), so stopping follows one token.
     """
     m = n * f
     unit = f"1 {big[:-1]} is {f} {small}"
@@ -428,7 +434,7 @@ def _conv_response(cat: str, direction: str, big: str, small: str, f: int, n: in
         return f"{unit}; {n} {big} is {n}*{f}={m} {small}. {ANSWER_PREFIX}{m}", str(m)
     if cat == "metric":
         return f"{unit}; {m} {small} is {m}/{f}={n} {big}. {ANSWER_PREFIX}{n}", str(n)
-    row = ", ".join(f"{i} are {i * f} of {m}" for i in range(2, n + 1))
+    row = ", ".join(f"{i} are {i * f} {'=' if i == n else '<'} {m}" for i in range(2, n + 1))
     return f"{unit}; {m} {small}: {row}. {ANSWER_PREFIX}{n}", str(n)
 
 
