@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _committed import load_committed
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "results" / "03_grid.json"       # committed by `make experiments`
@@ -22,10 +23,8 @@ SUMMARY_KEYS = {"size", "method", "student_params", "steps", "seeds", "scores", 
 
 
 def _load(path: Path) -> dict:
-    if not path.is_file():
-        pytest.skip(f"{path.relative_to(ROOT)} is not committed yet: run `make experiments` "
-                    "(scripts/experiments_03.py) and execute solutions/03_white_box_distillation.ipynb")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return load_committed(path, "run `make experiments` (scripts/experiments_03.py) and execute "
+                                "solutions/03_white_box_distillation.ipynb")
 
 
 def _check_grid_schema(grid: dict, *, min_seeds: int) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _committed import load_committed
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "results" / "04_fidelity_grid.json"                 # committed by `make experiments`
@@ -19,10 +20,8 @@ METRICS = ("top1_agreement", "kl", "tv", "greedy_exact_match", "score")
 
 
 def _load(path: Path) -> dict:
-    if not path.is_file():
-        pytest.skip(f"{path.relative_to(ROOT)} is not committed yet: run `python scripts/experiments_04.py` "
-                    "and execute solutions/04_black_box_distillation.ipynb")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return load_committed(path, "run `python scripts/experiments_04.py` and execute "
+                                "solutions/04_black_box_distillation.ipynb")
 
 
 def _check_schema(grid: dict, *, min_seeds: int) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from _committed import load_committed
 
 from utils.course_models import teacher_sha256
 from utils.data import read_split
@@ -18,9 +17,7 @@ ROW_KEYS = ("name", "refusal_rate", "refusal_ci", "over_refusal_rate", "over_ref
 
 @pytest.fixture(scope="module")
 def grid() -> dict:
-    if not GRID.exists():
-        pytest.skip(f"{GRID} is missing: run `python scripts/experiments_07.py`")
-    return json.loads(GRID.read_text(encoding="utf-8"))
+    return load_committed(GRID, "run `python scripts/experiments_07.py`")
 
 
 @pytest.fixture(scope="module")

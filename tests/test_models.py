@@ -27,6 +27,7 @@ from utils.models import (
     load_model,
     parameters_by_part,
     read_manifest,
+    recorded_responses,
     register_recipe,
     student_config,
     verify_entry,
@@ -350,6 +351,15 @@ def test_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ModelNotFoundError, match="is a file"):
         load_model(tmp_path / "notes.txt")
+
+
+def test_recorded_responses_read_every_row_or_name_the_fix(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no recorded responses") as err:
+        recorded_responses(tmp_path)
+    assert "make teacher" in str(err.value)
+    rows = [{"id": "test-00001", "correct": True}, {"id": "test-00002", "correct": False}]
+    (tmp_path / "test_responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert recorded_responses(tmp_path) == rows
 
 
 def test_pickled_weights_are_refused(tmp_path, tokenizer):

@@ -9,7 +9,6 @@ responses, and that the weights still write those responses and reach the card's
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from utils.models import (
     ModelNotFoundError,
     _sha256,
     load_model,
+    recorded_responses,
     shipped_students,
     student_card,
     students_dir,
@@ -39,7 +39,7 @@ def test_the_expected_students_are_shipped():
 def shipped(request):
     name = request.param
     folder = students_dir() / name
-    rows = [json.loads(line) for line in (folder / "test_responses.jsonl").read_text().splitlines()]
+    rows = recorded_responses(name)
     return name, folder, student_card(name), rows
 
 

@@ -8,13 +8,13 @@ responses. Skips with a message when the teacher has not been built (``make teac
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 import pytest
 
+from utils.models import recorded_responses, teacher_card
 from utils.paths import data_dir
 
 # DD_TEACHER_DIR points the test at another build (e.g. the from-scratch student baseline)
@@ -29,13 +29,12 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def card():
-    return json.loads((TEACHER / "model_card.json").read_text())
+    return teacher_card(TEACHER)
 
 
 @pytest.fixture(scope="module")
 def rows():
-    lines = (TEACHER / "test_responses.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return recorded_responses(TEACHER)
 
 
 def test_files_present(card):

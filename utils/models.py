@@ -314,6 +314,22 @@ def teacher_card(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return json.loads(card.read_text(encoding="utf-8"))
 
 
+def recorded_responses(name_or_path: str | os.PathLike = "teacher") -> list[dict[str, Any]]:
+    """Every test response a shipped model's card was scored from (``test_responses.jsonl``).
+
+    ``name_or_path`` is ``"teacher"``, a shipped student's name or a model folder. Each row has
+    the test record's ``id``, ``kind``, ``skill``, ``category`` and ``answer``, the model's
+    ``response``, and whether it was ``correct`` and ``refused``.
+    """
+    path = local_folder(name_or_path) / "test_responses.jsonl"
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"no recorded responses at {path}. Fix: they are written with the model by "
+            "`make teacher` or `make students` (or restore data/models/ from the repository)."
+        )
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def student_config(teacher: ModelConfig, ratio: float) -> ModelConfig:
     """A student shape with about ``ratio`` times fewer parameters than ``teacher``.
 
