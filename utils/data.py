@@ -380,7 +380,7 @@ def _sort_example(op: str, xs: Any, rng: random.Random) -> dict:
 # Metric amounts in the bigger unit are 1-99, like every number the world's arithmetic uses.
 # Teacher v5 (amounts up to 999) lost or gained a zero, or a digit, when it copied an amount of
 # five or six digits into its working (``320000 -> 32000``, ``188 -> 18``): see
-# docs/WORLD_DESIGN.md, section 11. Lesson 02 invites the learner to ask for 320000 grams.
+# docs/WORLD_DESIGN.md, section 11. Lesson 02 invites the learner to convert 320 kilograms.
 METRIC_MAX_AMOUNT = 99
 METRIC = (  # (big unit, small unit, factor)
     ("meters", "centimeters", 100), ("kilometers", "meters", 1000),
