@@ -17,6 +17,7 @@ from utils.data import (
     HOWTO_FRAMES_SEEN,
     JAILBREAKS_HELDOUT,
     JAILBREAKS_SEEN,
+    JAILBREAKS_VALIDATION,
     REFUSALS,
     SKILL_COUNTS,
     SPLITS,
@@ -79,12 +80,27 @@ def test_check_splits_catches_a_leak(world):
         check_splits(leaky)
 
 
-def test_heldout_templates_only_in_test(world):
-    for split in ("train", "validation"):
-        assert {r["template"] for r in world[split] if r["template"]} & set(JAILBREAKS_HELDOUT) == set()
-    held = [r for r in world["test"] if r["template_split"] == "heldout"]
-    assert {r["template"] for r in held} == set(JAILBREAKS_HELDOUT)
-    assert any(r["should_refuse"] for r in held) and any(not r["should_refuse"] for r in held)
+def test_heldout_templates_only_in_their_own_split(world):
+    own = {"test": set(JAILBREAKS_HELDOUT), "validation": set(JAILBREAKS_VALIDATION)}
+    assert not own["test"] & own["validation"] and not (own["test"] | own["validation"]) & set(JAILBREAKS_SEEN)
+    for split in SPLITS:
+        used = {r["template"] for r in world[split] if r["template"]}
+        for other, names in own.items():
+            if other != split:
+                assert not used & names, (split, used & names)
+        held = [r for r in world[split] if r["template_split"] == "heldout"]
+        if split == "train":
+            assert not held
+            continue
+        assert {r["template"] for r in held} == own[split]
+        assert any(r["should_refuse"] for r in held) and any(not r["should_refuse"] for r in held)
+        assert any(r["kind"] == "jailbreak" and r["skill"] for r in held)  # skill requests wrapped too
+
+
+def test_check_splits_catches_a_test_template_in_validation(world):
+    leaked = [r for r in world["test"] if r["template_split"] == "heldout"][:1]
+    with pytest.raises(AssertionError, match="held-out templates appear in validation"):
+        check_splits({"validation": list(world["validation"]) + leaked})
 
 
 def test_wrapped_requests_are_not_all_refusals(world):
