@@ -84,8 +84,8 @@ notebooks: $(STAMP)  ## execute every notebook in lessons/ and solutions/ with n
 lessons: $(STAMP)  ## regenerate lessons/ from solutions/
 	$(PY) -m utils.lessons generate
 
-execute: $(STAMP)  ## re-execute solutions/ in place (outputs, measured run times), then lessons
-	$(PY) -m utils.lessons execute
+execute: $(STAMP)  ## re-execute solutions/ in place from an empty cache (outputs, first-run times), then lessons
+	$(PY) -m utils.lessons execute --cold
 	$(PY) scripts/results_doc.py
 
 experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 04, 07): commit results/*_grid.json

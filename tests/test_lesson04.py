@@ -186,3 +186,20 @@ def test_results_file_has_the_agreed_keys():
     for row in data["fidelity_vs_budget"]:
         assert {"queries", "granularity", "top1_agreement", "score"} <= set(row)
         assert row["granularity"] in ("text", "topk") and 0 <= row["top1_agreement"] <= 1
+
+
+def test_lesson07_loads_the_student_lesson04_builds():
+    """Lesson 07's grid loads ``blackbox_recipe()`` from the cache lesson 04 fills: the recipe's
+    defaults must be lesson 04's live student, or a learner's lesson 07 skips it."""
+    import ast
+
+    from utils.paths import repo_root
+
+    nb = json.loads((repo_root() / "solutions" / "04_black_box_distillation.ipynb").read_text(encoding="utf-8"))
+    params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    p = {t.id: ast.literal_eval(node.value) for node in ast.parse("".join(params["source"])).body
+         if isinstance(node, ast.Assign) for t in node.targets}
+    live = blackbox_recipe(queries=p["LIVE_QUERIES"], granularity=p["LIVE_GRANULARITY"], seed=p["SEED"],
+                           size=p["STUDENT_SIZE"], steps=p["STEPS"], top_k=p["TOP_K"], max_tokens=p["MAX_TOKENS"])
+    assert blackbox_recipe().key() == live.key()
+    assert blackbox_recipe().name == live.name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
@@ -193,3 +195,37 @@ def test_orphan_lesson_and_bad_solution_are_reported(tmp_path):
 def test_real_repository_is_in_sync():
     problems = check_all()
     assert problems == [], "\n".join(problems)
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_execute_times_a_first_run_on_an_empty_cache_when_cold(tmp_path, monkeypatch, cold):
+    """``execute --cold``: the kernels see a new empty DD_CACHE_DIR, TIMINGS says what was built,
+    and the learner's own cache and environment are left as they were."""
+    from utils.lessons import execute_solutions
+
+    own = tmp_path / "own-cache"
+    (own / "models" / "teacher-model").mkdir(parents=True)  # a filled cache: a warm run sees it
+    monkeypatch.setenv("DD_CACHE_DIR", str(own))
+    build = new_code_cell("import os, pathlib\n"
+                          "root = pathlib.Path(os.environ['DD_CACHE_DIR'])\n"
+                          "print(sorted(p.name for p in root.glob('*/*')))\n"
+                          "(root / 'models' / 'student-built-here').mkdir(parents=True, exist_ok=True)")
+    (tmp_path / "repo").mkdir()
+    root = _repo(tmp_path / "repo", "01_x.ipynb", _nb(new_markdown_cell("# 01 · X\n\n**Run time:** 1 s"), build))
+    (root / "docs").mkdir()
+    execute_solutions(timeout=120, root=root, cold=cold)
+
+    out = nbformat.read(root / "solutions" / "01_x.ipynb", as_version=4).cells[1].outputs[0]["text"]
+    assert out.strip() == ("[]" if cold else "['teacher-model']")  # the kernel saw an empty cache only when cold
+    assert os.environ["DD_CACHE_DIR"] == str(own)
+    assert (own / "models" / "student-built-here").exists() != cold  # a cold run never writes the real cache
+    timings = (root / "docs" / "TIMINGS.md").read_text(encoding="utf-8")
+    assert "| `01_x.ipynb` |" in timings and "cold: built 1 cache entry" in timings
+
+    # a notebook that builds nothing: "built nothing" on an empty cache, "warm" on a filled one
+    nbformat.write(_nb(new_markdown_cell("# 01 · X\n\n**Run time:** 1 s"), new_code_cell("1 + 1")),
+                   root / "solutions" / "01_x.ipynb")
+    execute_solutions(timeout=120, root=root, cold=cold)
+    timings = (root / "docs" / "TIMINGS.md").read_text(encoding="utf-8")
+    assert ("| built nothing |" if cold else "| warm |") in timings
+    assert (root / "lessons" / "01_x.ipynb").exists()

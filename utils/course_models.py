@@ -8,7 +8,7 @@
   distilled with forward KL for a long budget on the whole training split, skills *and* the
   world's refusal data, so it is also the safety-aware student of section 5);
 - ``sft-student``: lesson 03's shipped ``student-xs-sft`` (the same data and budget, no teacher);
-- ``blackbox-student``: lesson 04's ``utils.extraction.blackbox_recipe()`` (its defaults);
+- ``blackbox-student``: lesson 04's live student, ``utils.extraction.blackbox_recipe()`` (its defaults);
 - ``teacher-int8`` / ``teacher-4bit-g32``: the teacher quantized in memory (lesson 05:
   ``quantize_dynamic_int8`` and ``fake_quantize_model(bits=4, group_size=32)``);
 - ``teacher-onnx``: the teacher exported with ``utils.deploy.export_onnx`` and decoded by ONNX
@@ -256,7 +256,8 @@ def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progres
                     "student-xs trained on the same data without the teacher (shipped student-xs-sft)",
                     shipped("sft-student")),
         CourseModel("blackbox-student", "black-box", "lesson 04",
-                    "extracted through the teacher's API (blackbox_recipe defaults)", blackbox),
+                    "lesson 04's live student, extracted through the teacher's API "
+                    "(blackbox_recipe defaults)", blackbox),
         CourseModel("teacher-int8", "quantized", "lesson 05",
                     "teacher, dynamic int8 (quantize_dynamic_int8)", int8),
         CourseModel("teacher-4bit-g32", "quantized", "lesson 05",

@@ -698,13 +698,16 @@ def distill_from_topk(student: Any, tokenizer: Any, records: Sequence[HarvestRec
                        steps=trainer.state.global_step)
 
 
-def blackbox_recipe(*, queries: int = 192, granularity: Granularity = "text", seed: int = 0,
+def blackbox_recipe(*, queries: int = 96, granularity: Granularity = "topk", seed: int = 0,
                     watermark: bool = False, watermark_bias: float = WATERMARK_BIAS,
                     size: str = "student-xxs", steps: int = 150,
                     batch_size: int = 32, lr: float = 3e-3, top_k: int | None = 10,
                     max_tokens: int = 48, min_tokens: int | None = None,
                     temperature: float = 0.0, name: str | None = None) -> Any:
     """Register a student distilled from the teacher *through its API* (lesson 04).
+
+    The defaults are lesson 04's live student (its parameters cell), the one lesson 07's grid
+    loads from the cache that lesson fills (``tests/test_lesson04.py`` keeps the two equal).
 
     The build harvests ``queries`` answers to ordinary skill prompts (train split, never a
     safety prompt) from the teacher served on 127.0.0.1 (:func:`cached_harvest`: start the
