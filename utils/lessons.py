@@ -258,8 +258,7 @@ def _format_seconds(seconds: float) -> str:
 
 
 def execute_solutions(paths: list[Path] | None = None, *, timeout: int = 900,
-                      root: Path | None = None, cold: bool = False,
-                      _nothing_built: str = "warm") -> dict[str, float]:
+                      root: Path | None = None, cold: bool = False) -> dict[str, float]:
     """Run solution notebooks in place (outputs kept), timing each one.
 
     The measured time is written into the header line that starts with ``**Run time:**`` and
@@ -272,7 +271,7 @@ def execute_solutions(paths: list[Path] | None = None, *, timeout: int = 900,
         with tempfile.TemporaryDirectory(prefix="dd-cold-cache-") as empty:
             os.environ["DD_CACHE_DIR"] = empty  # the kernels inherit it
             try:
-                return execute_solutions(paths, timeout=timeout, root=root, _nothing_built="built nothing")
+                return execute_solutions(paths, timeout=timeout, root=root)
             finally:
                 if saved is None:
                     os.environ.pop("DD_CACHE_DIR", None)
@@ -285,6 +284,7 @@ def execute_solutions(paths: list[Path] | None = None, *, timeout: int = 900,
     timings: dict[str, float] = {}
     caches: dict[str, str] = {}
     today = _dt.date.today().isoformat()
+    started_empty = not _cache_entries()  # a notebook that builds nothing is then not "warm"
     for path in paths:
         nb = nbformat.read(path, as_version=4)
         print(f"executing {path.relative_to(root)} ...", flush=True)
@@ -296,7 +296,7 @@ def execute_solutions(paths: list[Path] | None = None, *, timeout: int = 900,
         timings[path.name] = seconds
         built = len(_cache_entries() - before)
         caches[path.name] = (f"cold: built {built} cache {'entry' if built == 1 else 'entries'}"
-                             if built else _nothing_built)
+                             if built else "built nothing" if started_empty else "warm")
         line = (f"{RUNTIME_PREFIX} {_format_seconds(seconds)} to execute on {_machine()} "
                 f"(measured by `make execute`, {today}).")
         for cell in nb.cells[:3]:
