@@ -347,7 +347,7 @@ def _write_timings(root: Path, new: dict[str, float], caches: dict[str, str] | N
         "each one's wall-clock time: a learner's first run. Do not edit by hand. *cold* counts",
         "the models, API harvests and exports a notebook built into the cache",
         "(`.cache/distill-deploy/`) on first use; later runs load them. A *warm* row was timed",
-        "on a filled cache (`make execute` without `--cold`) and built nothing.",
+        "on a filled cache (`python -m utils.lessons execute`, no `--cold`) and built nothing.",
         "",
         "| notebook | run time | cache | date | commit | machine |",
         "| --- | --- | --- | --- | --- | --- |",
