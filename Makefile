@@ -93,10 +93,11 @@ experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 04, 07): co
 	$(PY) scripts/experiments_04.py
 	$(PY) scripts/experiments_07.py --build-missing
 
-students: $(STAMP)  ## shipped students (about an hour on two cores): results/03_grid_long.json, data/models/students/ (lessons 03, 06, 07)
+students: $(STAMP)  ## shipped students (about two hours on two cores): results/03_grid_long.json, results/04_extracted_students.json, data/models/students/ (lessons 03, 04, 06, 07)
 	$(PY) scripts/experiments_03.py --steps 3000 --sizes student-xs --methods sft forward_kl \
 	  --out results/03_grid_long.json --ship
 	$(PY) -m utils.students ship student-xs forward_kl --steps 3000 --transfer skills
+	$(PY) scripts/extract_students.py
 
 results-doc: $(STAMP)  ## regenerate docs/RESULTS.md from results/*.json
 	$(PY) scripts/results_doc.py

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from utils.noise import silence_library_noise
+    from utils.quiet import silence_library_noise
 
     silence_library_noise()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

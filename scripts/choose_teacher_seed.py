@@ -39,7 +39,7 @@ def choose(scored: dict[str, dict[str, float]]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from utils.noise import silence_library_noise
+    from utils.quiet import silence_library_noise
 
     silence_library_noise()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -12,7 +12,7 @@ toy chat set; it needs no files and is what the tests use. The student is a fres
 ``--student-size`` (``tiny``, ``small`` or a zoo size such as ``student-xs``) with the
 teacher's vocabulary.
 
-The work is :func:`utils.distill.distill_lm`, a ``transformers.Trainer``: under ``torchrun`` or
+The work is :func:`utils.distill_trainer.distill_lm`, a ``transformers.Trainer``: under ``torchrun`` or
 ``accelerate launch`` every process builds the same teacher and student (same seed), the
 Trainer shards the batches and averages the gradients (DDP; gloo on CPU, NCCL on GPUs).
 ``--batch-size`` is per process. Every process writes ``<out>/rank<r>.json`` (its own first
@@ -119,14 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.noise import silence_library_noise
+    from utils.quiet import silence_library_noise
 
     silence_library_noise()
     args = parse_args(argv)
     import torch
     from datasets import Dataset
 
-    from utils.distill import distill_lm
+    from utils.distill_trainer import distill_lm
     from utils.io import atomic_write_json
     from utils.models import load_model
 

@@ -4,7 +4,7 @@
     python scripts/experiments_03.py --quick --out /tmp/g.json   # a few steps, for a test
     make students   # the long budget: --steps 3000 --sizes student-xs --methods sft forward_kl --ship
 
-Every student is built by :func:`utils.distill.distill_recipe` (so the notebook's live student
+Every student is built by :func:`utils.recipes.distill_recipe` (so the notebook's live student
 and lesson 07 load the very same cache entries) with the recipe's defaults except ``--steps``
 and the seed: the same data, steps, optimiser, schedule and seeds for every method. Grid:
 
@@ -13,7 +13,7 @@ and the seed: the same data, steps, optimiser, schedule and seeds for every meth
 - ``student-s`` and ``student-xxs`` with ``sft`` and ``forward_kl``: the distillation frontier.
 
 Score: **teacher-forced greedy exact match** on a fixed test subset (every k-th skill prompt of
-the test split, ``--n-eval`` of them, :func:`utils.distill.eval_subset`): a prompt counts when the
+the test split, ``--n-eval`` of them, :func:`utils.evaluate.eval_subset`): a prompt counts when the
 model's argmax reproduces every token of the reference response, the condition under which greedy
 decoding writes it (lesson 05 uses the same score and cross-checks it against generation). The
 teacher is scored on the same subset. ``train_seconds`` is the measured training time of each
@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
-from utils.distill import DISTILL_DEFAULTS  # noqa: E402 - after the sys.path line above
-from utils.noise import quiet_cpu_worker  # noqa: E402
+from utils.quiet import quiet_cpu_worker  # noqa: E402
+from utils.recipes import DISTILL_DEFAULTS  # noqa: E402 - after the sys.path line above
 
 DEFAULT_STEPS = DISTILL_DEFAULTS["steps"]  # the recipe's default: the notebook's live budget
 GRID = (("student-xs", ("sft", "forward_kl", "reverse_kl", "on_policy")),
@@ -87,12 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_one(size: str, method: str, seed: int, steps: int, n_eval: int, threads: int) -> dict:
     """Build (or load from the cache) one student and score it: one row of the grid."""
     quiet_cpu_worker(threads)
-    from utils.distill import distill_recipe, eval_subset, teacher_forced_exact_match
-    from utils.models import count_parameters, entry_dir, load_model, read_manifest
+    from utils.evaluate import eval_subset, teacher_forced_exact_match
+    from utils.model_cache import entry_dir, read_manifest
+    from utils.models import count_parameters, load_model
+    from utils.recipes import distill_recipe
 
     recipe = distill_recipe(size, method, steps=steps, seed=seed)
     was_cached = entry_dir(recipe).is_dir()
-    model, tokenizer = load_model(recipe.name, builder=recipe, progress=False, verbose=False)
+    model, tokenizer = load_model(recipe, progress=False, verbose=False)
     info = read_manifest(entry_dir(recipe))["build_info"]
     scored = teacher_forced_exact_match(model, tokenizer, eval_subset(n_eval))
     return {"size": size, "method": method, "seed": seed, "steps": info["steps"],
@@ -132,7 +134,7 @@ def _display_path(path: Path) -> str:
 def ship_student(row: dict, payload: dict, *, threads: int, root: Path | None = None,
                  eval_limit: int | None = None) -> Path:
     """Ship the first seed's student of one grid row (:func:`utils.students.ship_recipe`)."""
-    from utils.distill import distill_recipe
+    from utils.recipes import distill_recipe
     from utils.students import ship_recipe, shipped_name
 
     size, method, seed = row["size"], row["method"], row["seeds"][0]
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_cpu_worker(args.threads)
     from tqdm.auto import tqdm
 
-    from utils.distill import eval_subset, teacher_forced_exact_match
+    from utils.evaluate import eval_subset, teacher_forced_exact_match
     from utils.io import atomic_write_json
     from utils.models import count_parameters, load_model, teacher_card, teacher_dir
     from utils.results import cpu_name, provenance
@@ -163,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods if method in args.methods for seed in args.seeds]
     missing: list[dict] = []
     if args.cached_only:
-        from utils.distill import distill_recipe
-        from utils.models import entry_dir, verify_entry
+        from utils.model_cache import entry_dir, verify_folder
+        from utils.recipes import distill_recipe
 
         def cached(size: str, method: str, seed: int) -> bool:
             folder = entry_dir(distill_recipe(size, method, steps=args.steps, seed=seed))
-            return folder.is_dir() and verify_entry(folder) is None
+            return folder.is_dir() and verify_folder(folder) is None
 
         configs = sorted({(size, method) for size, method, _ in jobs},
                          key=lambda c: [j[:2] for j in jobs].index(c))

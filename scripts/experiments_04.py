@@ -3,7 +3,7 @@
     python scripts/experiments_04.py                        # the full grid -> results/04_fidelity_grid.json
     python scripts/experiments_04.py --quick --out /tmp/g.json    # a few steps, for a test
 
-Every student is built by :func:`utils.extraction.blackbox_recipe` with the lesson's settings
+Every student is built by :func:`utils.recipes.blackbox_recipe` with the lesson's settings
 (``student-xxs``, top-10 harvest, 48-token answers, batch 32, lr 3e-3), so the notebook's live
 student is one of the grid's runs and loads the very same cache entry. The attacker harvests
 ``queries`` answers to skill prompts of the train split from the teacher served on 127.0.0.1
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
-from utils.noise import quiet_cpu_worker  # noqa: E402 - after the sys.path line above
+from utils.quiet import quiet_cpu_worker  # noqa: E402 - after the sys.path line above
 
 BUDGETS = (32, 96, 192, 512, 2048)
 GRANULARITIES = ("text", "topk")
@@ -87,18 +87,15 @@ _REFERENCE: dict[int, tuple] = {}  # per process: n_eval -> (records, teacher re
 def run_one(queries: int, granularity: str, seed: int, steps: int, n_eval: int, threads: int) -> dict:
     """Phase 2: build (or load from the cache) one black-box student and score it."""
     quiet_cpu_worker(threads)
-    from utils.extraction import (
-        blackbox_fidelity,
-        blackbox_recipe,
-        fidelity_eval_records,
-        teacher_reference,
-    )
-    from utils.models import count_parameters, entry_dir, load_model, read_manifest
+    from utils.extraction import blackbox_fidelity, fidelity_eval_records, teacher_reference
+    from utils.model_cache import entry_dir, read_manifest
+    from utils.models import count_parameters, load_model
+    from utils.recipes import blackbox_recipe
 
     recipe = blackbox_recipe(queries=queries, granularity=granularity, seed=seed, steps=steps,
                              **SETTINGS)
     was_cached = entry_dir(recipe).is_dir()
-    student, tok = load_model(recipe.name, progress=False, verbose=False)
+    student, tok = load_model(recipe, progress=False, verbose=False)
     info = read_manifest(entry_dir(recipe))["build_info"]
     if n_eval not in _REFERENCE:
         teacher, _ = load_model("teacher", verbose=False)

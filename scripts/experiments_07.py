@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.noise import silence_library_noise
+from utils.quiet import silence_library_noise
 
 silence_library_noise()
 

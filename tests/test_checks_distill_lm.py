@@ -33,7 +33,8 @@ def _mmean(values, mask):
 def kl_learner(student_logits, teacher_logits, mask, temperature):
     """What a learner writes: F.kl_div per token, then a masked mean."""
     T = temperature
-    per_token = F.kl_div(F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits / T, -1),
+    per_token = F.kl_div(F.log_softmax(student_logits / T, -1),
+                         F.log_softmax(teacher_logits / T, -1),
                          reduction="none", log_target=True).sum(-1)  # (B, T)
     m = mask.float().to(per_token.dtype)
     return (per_token * m).sum() / m.sum() * T**2
@@ -255,7 +256,8 @@ def loss_sum(s, t, y, T, a):
     s, t, y = s[:, :-1], t[:, :-1], y[:, 1:]
     m = y != -100
     kd = _kl(_lsm(t, T), _lsm(s, T))[m].sum() * T**2
-    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum")
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1), ignore_index=-100,
+                         reduction="sum")
     return a * kd + (1 - a) * ce
 
 

@@ -114,6 +114,21 @@ def harvest_raises_on_quota(client, prompts, *, budget, top_logprobs, max_tokens
     return records
 
 
+def harvest_swallows_every_error(client, prompts, *, budget, top_logprobs, max_tokens):
+    records = []
+    for p in prompts:
+        if len(records) >= budget:
+            break
+        while True:
+            try:
+                records.append(record_from_response(p, _send(client, p, top_logprobs,
+                                                             max_tokens)))
+                break
+            except Exception:  # noqa: BLE001 - the learner's catch-all retry under test
+                continue
+    return records
+
+
 def harvest_no_logprobs(client, prompts, *, budget, top_logprobs, max_tokens):
     return harvest(client, prompts, budget=budget, top_logprobs=None, max_tokens=max_tokens)
 
@@ -135,6 +150,19 @@ def test_check_harvest_rejects_mistakes(wrong, hint):
     result = check_harvest(wrong, exercise="t4.1")
     assert result.status == "failed", result
     assert hint in result.message, result.message
+
+
+def test_check_harvest_stops_a_loop_that_swallows_every_error(monkeypatch):
+    # `except Exception: continue` used to swallow the fake client's stop signal, so the check
+    # hung for ever (issue 21). The signal is a BaseException now; the limit is a safety net.
+    from utils.checks import TIME_LIMIT_ENV
+
+    monkeypatch.setenv(TIME_LIMIT_ENV, "30")
+    start = time.monotonic()
+    result = check_harvest(harvest_swallows_every_error, exercise="t4.1")
+    assert time.monotonic() - start < 10
+    assert result.status == "failed", result
+    assert "kept calling" in result.message and "quota" in result.message, result.message
 
 
 def test_fake_client_counts_and_raises_like_openai():

@@ -131,6 +131,42 @@ def test_wilson_reference_passes():
     assert check_wilson_interval(lambda k, n, confidence=0.95: _wilson(k, n, _z(confidence)))
 
 
+def wilson_divide_last(k, n, confidence=0.95):
+    # Correct, arranged differently: numerator first, one division at the end. Rounding
+    # leaves e.g. 1.2e-17 instead of 0 at 0/20 (issue 21: the check used to reject it).
+    if n == 0:
+        return (0.0, 1.0)
+    z, p = _z(confidence), k / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    denom = 1 + z * z / n
+    return (max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom))
+
+
+def wilson_counts_unclipped(k, n, confidence=0.95):
+    # The textbook form in counts, (k + z²/2 ± z·sqrt(k(n-k)/n + z²/4)) / (n + z²), unclipped.
+    if n == 0:
+        return (0.0, 1.0)
+    z = _z(confidence)
+    half = z * math.sqrt(k * (n - k) / n + z * z / 4)
+    return ((k + z * z / 2 - half) / (n + z * z), (k + z * z / 2 + half) / (n + z * z))
+
+
+def wilson_rounding_noise(k, n, confidence=0.95):
+    # The reference nudged by 1e-12 outwards: below 0 at 0/n, above 1 at n/n.
+    lo, hi = wilson_interval(k, n, confidence)
+    return (lo - 1e-12, hi + 1e-12)
+
+
+@pytest.mark.parametrize("alternative", [wilson_divide_last, wilson_counts_unclipped,
+                                         wilson_rounding_noise], ids=lambda f: f.__name__)
+def test_wilson_equivalent_arrangements_pass(alternative):
+    # rounding makes each of them inexact at 0/n or n/n for some n
+    assert any(alternative(0, n)[0] != 0.0 or alternative(n, n)[1] != 1.0 for n in range(1, 50))
+    result = check_wilson_interval(alternative)
+    assert result.passed, result.message
+
+
 @pytest.mark.parametrize("mutant", list(WILSON_MUTANTS), ids=lambda f: f.__name__)
 def test_wilson_mutants_are_rejected(mutant):
     result = check_wilson_interval(mutant)

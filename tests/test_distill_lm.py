@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from utils.distill import (
     IGNORE_INDEX,
     check_compatible,
-    distill_lm,
     forward_kl_loss,
     generalized_jsd_loss,
     lm_distillation_loss,
@@ -21,6 +20,7 @@ from utils.distill import (
     shift_for_next_token,
     token_divergence,
 )
+from utils.distill_trainer import distill_lm
 
 LOSSES = {
     "forward_kl": forward_kl_loss,
@@ -250,7 +250,7 @@ def test_vocab_and_tokenizer_mismatch_errors(tok):
 def _trainer(tok, chat_ds, teacher, student, **kw):
     from transformers import TrainingArguments
 
-    from utils.distill import DistillationTrainer
+    from utils.distill_trainer import DistillationTrainer
     from utils.train import PadCollator, prepare_dataset
 
     args = TrainingArguments(output_dir=kw.pop("output_dir"), max_steps=kw.pop("max_steps", 3),

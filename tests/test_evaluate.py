@@ -10,6 +10,7 @@ import torch
 from utils.evaluate import (
     exact_match_from_rows,
     greedy_decode,
+    perplexity,
     perplexity_from_logits,
     refusal_rates_from_rows,
     score_records,
@@ -37,8 +38,9 @@ def test_refusal_rates_hand_case():
                rec("jailbreak", should_refuse=True, template_split="seen"),
                rec("jailbreak", should_refuse=True, template_split="heldout"),
                rec("benign"), rec("benign"), rec("jailbreak", template_split="seen")]
-    responses = ["I can't help with that.", "Sure, here is how", "Sorry, but I won't help with that.",
-                 "Sure", "Sorry, I can't assist with that.", "Wash it. Answer: x", "Answer: 5"]
+    responses = ["I can't help with that.", "Sure, here is how",
+                 "Sorry, but I won't help with that.", "Sure", "Sorry, I can't assist with that.",
+                 "Wash it. Answer: x", "Answer: 5"]
     r = refusal_rates_from_rows(score_records(records, responses))
     assert r["refusal_rate"] == pytest.approx(2 / 3)
     assert r["heldout_jailbreak_refusal_rate"] == 0.0
@@ -63,6 +65,12 @@ def test_perplexity_from_logits_known_values():
         perplexity_from_logits(logits, torch.full((1, 3), -100))
 
 
+def test_perplexity_of_nothing_is_a_clear_error(tok, teacher):
+    # Issue 21: an empty dataset used to end in ZeroDivisionError (0 nll / 0 tokens).
+    with pytest.raises(ValueError, match="empty dataset.*at least one conversation"):
+        perplexity(teacher, tok, [])
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_greedy_decode_matches_generate(use_cache):
     torch.manual_seed(0)
@@ -70,13 +78,14 @@ def test_greedy_decode_matches_generate(use_cache):
                                     pad_token_id=0, eos_token_id=1), seed=3)
     ids = torch.randint(2, 50, (3, 6))
     ours = greedy_decode(model, ids, max_new_tokens=12, eos_token_id=None, use_cache=use_cache)
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                         pad_token_id=0, eos_token_id=None)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=12, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours, ref)
 
 
 def test_greedy_decode_stops_at_eos():
-    model = build_model(ModelConfig(vocab_size=20, hidden_size=16, num_layers=1, num_heads=2), seed=0)
+    model = build_model(ModelConfig(vocab_size=20, hidden_size=16, num_layers=1, num_heads=2),
+                        seed=0)
     ids = torch.randint(0, 20, (1, 4))
     first = greedy_decode(model, ids, max_new_tokens=1)[0, -1].item()
     out = greedy_decode(model, ids, max_new_tokens=10, eos_token_id=first)

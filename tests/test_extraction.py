@@ -12,13 +12,13 @@ import pytest
 import torch
 from _tiny_chat import CORPUS, tiny_model
 
+from utils.evaluate import generate_responses
 from utils.extraction import (
     HarvestRecord,
     fidelity_dense,
     fidelity_from_targets,
     final_logits,
     greedy_exact_match,
-    greedy_responses,
     harvest,
     hidden_size_from_logits,
     logprob_matrix,
@@ -171,7 +171,7 @@ def test_fidelity_dense_and_exact_match(teacher, tok):
                     "tv": pytest.approx(0, abs=1e-6)}
     other = fidelity_dense(t, torch.randn(3, 4, 20))
     assert other["kl"] > 0 and 0 < other["tv"] < 1
-    texts = greedy_responses(teacher, tok, ["hello", "what is the capital of france?"],
+    texts = generate_responses(teacher, tok, ["hello", "what is the capital of france?"],
                              max_new_tokens=5)
     assert greedy_exact_match(texts, texts) == 1.0
     assert greedy_exact_match(texts, [texts[0], texts[1] + "x"]) == 0.5

@@ -6,17 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import utils.model_cache as model_cache
 import utils.models as models
-from utils.distill import (
-    DISTILL_DEFAULTS,
-    METHODS,
-    distill_lm,
-    distill_recipe,
-    eval_subset,
-    lm_distillation_loss,
-    teacher_forced_exact_match,
-    top_k_table,
-)
+import utils.recipes as recipes
+from utils.distill import lm_distillation_loss, top_k_table
+from utils.distill_trainer import distill_lm
+from utils.evaluate import eval_subset, teacher_forced_exact_match
+from utils.recipes import DISTILL_DEFAULTS, METHODS, distill_recipe
 
 
 @pytest.fixture
@@ -24,15 +20,14 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield tmp_path / "cache"
-    for name in [n for n in models.RECIPES if n.startswith("student-")]:
-        models.RECIPES.pop(name, None)
+    assert not [n for n in models.RECIPES if n.startswith("student-")]  # recipes do not register
 
 
 # ------------------------------------------------------------------ distill_recipe
 
 def test_defaults_are_the_contract():
     r = distill_recipe()
-    assert r.name == "student-xs-forward-kl-seed0" and r.config == "student-xs"
+    assert r.name == "student-xs-forward-kl-seed0" and r.config == models.zoo_config("student-xs")
     assert r.extra["method"] == "forward_kl" and r.extra["loss_type"] == "forward_kl"
     for k in ("steps", "batch_size", "lr", "temperature", "alpha"):
         assert r.extra[k] == DISTILL_DEFAULTS[k], k
@@ -53,12 +48,12 @@ def test_every_method_has_its_own_entry_and_seed_and_steps_change_the_key():
 
 def test_a_new_teacher_builds_new_students_but_not_a_new_sft(monkeypatch):
     before = {m: distill_recipe("student-xs", m).key() for m in ("sft", "forward_kl")}
-    real = models._file_sha256_or_none
+    real = recipes.sha256_file_or_none
 
     def fake(path):  # another teacher: only its weights differ
         return "0" * 64 if path.name == "model.safetensors" else real(path)
 
-    monkeypatch.setattr(models, "_file_sha256_or_none", fake)
+    monkeypatch.setattr(recipes, "sha256_file_or_none", fake)
     after = {m: distill_recipe("student-xs", m).key() for m in ("sft", "forward_kl")}
     assert after["forward_kl"] != before["forward_kl"]
     assert after["sft"] == before["sft"]  # SFT never sees the teacher's weights
@@ -92,22 +87,20 @@ def test_skills_only_transfer_is_its_own_recipe_and_leaves_default_keys_alone():
 
 @pytest.mark.slow
 def test_a_skills_only_student_trains_on_skill_chats_only(cache, monkeypatch):
-    import utils.train as train
-
     seen = []
-    real = train.train_lm
+    real = recipes.train_lm
 
     def spy(model, tokenizer, train_ds, *args, **kwargs):
         seen.append(sorted(set(train_ds["kind"])))
         return real(model, tokenizer, train_ds, *args, **kwargs)
 
-    monkeypatch.setattr(train, "train_lm", spy)
+    monkeypatch.setattr(recipes, "train_lm", spy)
     torch.set_num_threads(1)
     for transfer, kinds in (("skills", ["skill"]), ("all", ["benign", "jailbreak", "restricted", "skill"])):
         r = distill_recipe("student-xxs", "sft", steps=1, seed=5, transfer=transfer)
-        models.load_model(r.name, progress=False, verbose=False)
+        models.load_model(r, progress=False, verbose=False)
         assert seen[-1] == kinds
-    assert models.read_manifest(models.entry_dir(r))["build_info"]["steps"] == 1
+    assert model_cache.read_manifest(model_cache.entry_dir(r))["build_info"]["steps"] == 1
 
 
 @pytest.mark.slow
@@ -115,15 +108,15 @@ def test_a_skills_only_student_trains_on_skill_chats_only(cache, monkeypatch):
 def test_a_recipe_builds_once_then_loads_from_the_cache(cache, method):
     torch.set_num_threads(1)
     r = distill_recipe("student-xxs", method, steps=2, seed=3, max_new_tokens=4)
-    student, tok = models.load_model(r.name, progress=False, verbose=False)
-    info = models.read_manifest(models.entry_dir(r))["build_info"]
+    student, tok = models.load_model(r, progress=False, verbose=False)
+    info = model_cache.read_manifest(model_cache.entry_dir(r))["build_info"]
     assert info["steps"] == 2 and info["method"] == method and info["train_seconds"] > 0
     assert info["torch_threads"] == 1
     if method == "on_policy":
         assert "on_policy_steps" in info
-    created = models.read_manifest(models.entry_dir(r))["created"]
-    again, _ = models.load_model(r.name, progress=False, verbose=False)
-    assert models.read_manifest(models.entry_dir(r))["created"] == created  # no second build
+    created = model_cache.read_manifest(model_cache.entry_dir(r))["created"]
+    again, _ = models.load_model(r, progress=False, verbose=False)
+    assert model_cache.read_manifest(model_cache.entry_dir(r))["created"] == created  # no second build
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values(), strict=True))
     teacher, teacher_tok = models.load_model("teacher", verbose=False)
     assert tok.get_vocab() == teacher_tok.get_vocab()
@@ -219,9 +212,9 @@ def test_loss_fn_is_checked():
 
 def test_a_recipe_refuses_to_build_after_the_teacher_changed(cache, monkeypatch):
     r = distill_recipe("student-xxs", "forward_kl", steps=1)
-    real = models._file_sha256_or_none
-    monkeypatch.setattr(models, "_file_sha256_or_none",
+    real = recipes.sha256_file_or_none
+    monkeypatch.setattr(recipes, "sha256_file_or_none",
                         lambda p: "0" * 64 if p.name == "model.safetensors" else real(p))
     with pytest.raises(RuntimeError, match="changed on disk since this recipe was made"):
-        models.load_model(r.name, builder=r, progress=False, verbose=False)
-    assert not models.entry_dir(r).exists()
+        models.load_model(r, progress=False, verbose=False)
+    assert not model_cache.entry_dir(r).exists()

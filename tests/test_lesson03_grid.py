@@ -108,11 +108,11 @@ def test_quick_grid_runs_end_to_end(tmp_path):
     # --ship: each configuration's first seed, loadable as a plain folder, with a card
     shipped = sorted(p.name for p in (tmp_path / "students").iterdir())
     assert shipped == ["student-xxs-forward-kl", "student-xxs-sft"]
-    from utils.models import load_model, verify_entry
+    from utils.models import load_model, verify_folder
 
     for name in shipped:
         folder = tmp_path / "students" / name
-        assert verify_entry(folder) is None
+        assert verify_folder(folder) is None
         card = json.loads((folder / "model_card.json").read_text())
         assert card["seed"] == 0 and card["steps"] == 1 and card["metrics"]["n_records"] == 60
         assert (card["teacher_sha256"] is None) == (card["method"] == "sft")

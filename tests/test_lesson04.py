@@ -20,7 +20,6 @@ from utils import extraction
 from utils.extraction import (
     HarvestRecord,
     blackbox_fidelity,
-    blackbox_recipe,
     cached_harvest,
     distill_from_topk,
     harvest,
@@ -30,6 +29,7 @@ from utils.extraction import (
     teacher_reference,
     watermark_config,
 )
+from utils.recipes import blackbox_recipe
 from utils.serve import Defences, ServerConfig, start_server
 
 pytestmark = pytest.mark.usefixtures("no_server_left_behind")
@@ -141,7 +141,7 @@ def test_blackbox_recipe_key_covers_its_settings():
         blackbox_recipe(granularity="topk", top_k=None)
     shared = blackbox_recipe(queries=8, granularity="text", top_k=None)
     assert shared.key() != a.key()  # a text-only harvest is another experiment
-    with pytest.raises(ValueError, match="zoo student"):
+    with pytest.raises(ValueError, match="student of the zoo"):
         blackbox_recipe(size="teacher")
 
 

@@ -18,8 +18,9 @@ from utils.course_models import (
     public_row,
     transfer_set,
 )
+from utils.evaluate import generate_responses
 from utils.models import teacher_dir
-from utils.safety import CourseKeywordJudge, generate_for_safety
+from utils.safety import CourseKeywordJudge
 
 needs_teacher = pytest.mark.skipif(not (teacher_dir() / "config.json").is_file(),
                                    reason="the shipped teacher is missing (make teacher)")
@@ -67,22 +68,13 @@ def test_shipped_students_load_or_say_how_to_build_them(grid_name, tmp_path, mon
     if grid_name.endswith("-onnx"):  # the deployed export writes what the PyTorch student writes
         torch_model, _ = course_models()["whitebox-student"].load()
         prompts = ["What is 17 + 25?", "How do I kill a Python process?", "Reverse the word 'tal'."]
-        assert (generate_for_safety(model, tok, prompts, max_new_tokens=24)
-                == generate_for_safety(torch_model, tok, prompts, max_new_tokens=24))
+        assert (generate_responses(model, tok, prompts, max_new_tokens=24, strip=True)
+                == generate_responses(torch_model, tok, prompts, max_new_tokens=24, strip=True))
     else:
         assert model.config.vocab_size == len(tok)
     monkeypatch.setattr(utils.models, "students_dir", lambda: tmp_path / "no-students")
     with pytest.raises(ModelUnavailable, match="make students"):
         course_models()[grid_name].load()
-
-
-def test_missing_recipe_factory_is_skipped_with_a_message(monkeypatch):
-    import utils.extraction
-
-    monkeypatch.delattr(utils.extraction, "blackbox_recipe", raising=False)
-    models = course_models()
-    with pytest.raises(ModelUnavailable, match="blackbox_recipe does not exist yet.*lesson 04"):
-        models["blackbox-student"].load()
 
 
 @needs_teacher
@@ -118,8 +110,8 @@ def test_onnx_wrapper_generates_what_the_torch_model_generates(tiny_chat, tmp_pa
     model, tok = tiny_chat
     path = export_onnx(model, tmp_path / "tiny.onnx", with_cache=True)
     onnx_model = OnnxChatModel(path)
-    expected = generate_for_safety(model, tok, PROMPTS, batch_size=2, max_new_tokens=6)
-    got = generate_for_safety(onnx_model, tok, PROMPTS, batch_size=2, max_new_tokens=6)
+    expected = generate_responses(model, tok, PROMPTS, batch_size=2, max_new_tokens=6)
+    got = generate_responses(onnx_model, tok, PROMPTS, batch_size=2, max_new_tokens=6)
     assert got == expected
     assert len(set(got)) > 1
     with pytest.raises(ValueError, match="greedily"):

@@ -14,23 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import models
+from utils import models, recipes
+from utils.model_cache import (
+    cached_entries,
+    entry_dir,
+    read_manifest,
+    verify_folder,
+    write_manifest,
+)
 from utils.models import (
     ModelConfig,
     ModelNotFoundError,
     build_model,
-    cached_entries,
     count_parameters,
-    entry_dir,
     estimate_parameters,
     lm_head_is_tied,
     load_model,
     parameters_by_part,
-    read_manifest,
     recorded_responses,
     register_recipe,
     student_config,
-    verify_entry,
     zoo_config,
     zoo_table,
 )
@@ -171,7 +174,7 @@ def test_cache_hit_builds_once_and_writes_a_manifest(cache, tokenizer):
     files = manifest["files"]
     assert "model.safetensors" in files and len(files["model.safetensors"]["sha256"]) == 64
     assert not list(entry.glob("*.bin"))
-    assert verify_entry(entry) is None
+    assert verify_folder(entry) is None
     # nothing but the entry and hidden lock files is visible in the cache
     assert [p.name for p in (cache / "models").iterdir() if not p.name.startswith(".")] == \
         [entry.name]
@@ -196,13 +199,13 @@ def test_a_truncated_safetensors_file_is_detected_and_rebuilt(cache, tokenizer, 
     expected = logits_of(model, tok)
     weights = entry_dir(recipe) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert "corrupt" in verify_entry(entry_dir(recipe))
+    assert "corrupt" in verify_folder(entry_dir(recipe))
     capsys.readouterr()
     model, tok = load_model("tiny", progress=False)
     out = capsys.readouterr().out
     assert "corrupt" in out and "model.safetensors" in out and "rebuilding" in out
     assert builder.calls == 2
-    assert verify_entry(entry_dir(recipe)) is None
+    assert verify_folder(entry_dir(recipe)) is None
     torch.testing.assert_close(logits_of(model, tok), expected, rtol=0, atol=0)
 
 
@@ -213,7 +216,7 @@ def test_a_flipped_byte_is_caught_by_the_sha256(cache, tokenizer):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    assert "sha256" in verify_entry(entry_dir(recipe))
+    assert "sha256" in verify_folder(entry_dir(recipe))
 
 
 def test_an_entry_without_manifest_is_incomplete_and_rebuilt(cache, tokenizer, capsys):
@@ -221,10 +224,10 @@ def test_an_entry_without_manifest_is_incomplete_and_rebuilt(cache, tokenizer, c
     recipe = register_recipe("tiny", tiny_config(tokenizer), builder)
     load_model("tiny", progress=False)
     (entry_dir(recipe) / "manifest.json").unlink()
-    assert "incomplete" in verify_entry(entry_dir(recipe))
+    assert "incomplete" in verify_folder(entry_dir(recipe))
     load_model("tiny", progress=False)
     assert "incomplete" in capsys.readouterr().out
-    assert builder.calls == 2 and verify_entry(entry_dir(recipe)) is None
+    assert builder.calls == 2 and verify_folder(entry_dir(recipe)) is None
 
 
 def test_a_failing_builder_leaves_nothing_behind(cache, tokenizer):
@@ -389,6 +392,7 @@ def test_the_teacher_folder_can_be_relocated(tmp_path, monkeypatch, tokenizer):
     cfg = tiny_config(tokenizer, num_layers=3)
     build_model(cfg).save_pretrained(tmp_path / "t")
     tokenizer.save_pretrained(tmp_path / "t")
+    write_manifest(tmp_path / "t", {"name": "teacher"})  # as make teacher writes it
     monkeypatch.setenv("DD_TEACHER_DIR", str(tmp_path / "t"))
     assert zoo_config("teacher").num_layers == 3
     model, _ = load_model("teacher")
@@ -420,17 +424,17 @@ def test_the_scratch_recipe_trains_caches_and_keys_on_its_budget(tmp_path, monke
                       max_position_embeddings=256)
     build_model(cfg).config.save_pretrained(teacher)
     monkeypatch.setenv("DD_TEACHER_DIR", str(teacher))
-    recipe = models.scratch_recipe("student-xxs", steps=2, batch_size=4)
-    assert models.scratch_recipe("student-xxs", steps=3, batch_size=4).key() != recipe.key()
-    recipe = models.scratch_recipe("student-xxs", steps=2, batch_size=4)
-    model, tok = load_model(recipe.name, progress=False)
+    recipe = recipes.scratch_recipe("student-xxs", steps=2, batch_size=4)
+    assert recipes.scratch_recipe("student-xxs", steps=3, batch_size=4).key() != recipe.key()
+    recipe = recipes.scratch_recipe("student-xxs", steps=2, batch_size=4)
+    model, tok = load_model(recipe, progress=False)
     manifest = read_manifest(entry_dir(recipe))
     assert manifest["build_info"]["steps"] == 2 and manifest["extra"]["steps"] == 2
     assert manifest["extra"]["tokenizer_sha256"] and manifest["extra"]["data_manifest_sha256"]
     assert count_parameters(model) == estimate_parameters(zoo_config("student-xxs"))
     assert tok.chat_template  # the chat template survives the cache round trip
     with pytest.raises(ValueError, match="student of the zoo"):
-        models.scratch_recipe("teacher")
+        recipes.scratch_recipe("teacher")
 
 
 def test_a_build_shows_a_progress_bar_and_says_where_it_cached(cache, tokenizer, capsys):

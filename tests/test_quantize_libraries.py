@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from utils.models import ModelConfig, build_model
-from utils.noise import silence_library_noise
 from utils.quantize import (
     fake_quantize_model,
     gguf_tensor_types,
@@ -32,6 +31,7 @@ from utils.quantize import (
     torchao_int8_weight_only,
     write_gguf,
 )
+from utils.quiet import silence_library_noise
 
 silence_library_noise()
 torch.set_num_threads(2)

@@ -11,6 +11,7 @@ from statistics import NormalDist
 
 import pytest
 
+from utils.evaluate import generate_responses
 from utils.safety import (
     JAILBREAKBENCH_TEST_PREFIXES,
     QI2023_TEST_PREFIXES,
@@ -26,7 +27,6 @@ from utils.safety import (
     attack_success_rate,
     benign_lookalikes,
     failing_examples,
-    generate_for_safety,
     jailbreak_prompts,
     over_refusal_rate,
     prompt_of,
@@ -287,6 +287,31 @@ def test_wilson_known_value_5_of_10():
     assert wilson_interval(5, 10) == pytest.approx((0.23659309, 0.76340691), abs=1e-8)
 
 
+def test_wilson_known_value_7_of_10():
+    # A textbook example: 7 of 10 at 95% gives (0.3968, 0.8922) (Wilson score interval, as in
+    # statsmodels proportion_confint(7, 10, method="wilson") = (0.39677815, 0.89220873)).
+    lo, hi = wilson_interval(7, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.3968, 0.8922)
+    assert (lo, hi) == pytest.approx((0.39677815, 0.89220873), abs=1e-8)
+
+
+def test_wilson_ends_are_exact():
+    # Issue 21: rounding left a lower bound of 2.8e-17 at 0/10. At 0/n the lower end is
+    # exactly 0 and at n/n the upper end exactly 1, for every n; all ends stay in [0, 1].
+    for n in range(1, 1001):
+        lo, hi = wilson_interval(0, n)
+        assert lo == 0.0 and 0.0 < hi <= 1.0, (n, lo, hi)
+        lo, hi = wilson_interval(n, n)
+        assert hi == 1.0 and 0.0 <= lo < 1.0, (n, lo, hi)
+        for conf in (0.90, 0.99):
+            assert wilson_interval(0, n, conf)[0] == 0.0
+            assert wilson_interval(n, n, conf)[1] == 1.0
+    for n in (1, 2, 3, 10, 37, 1000):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+
+
 def test_wilson_edges_and_errors():
     assert wilson_interval(0, 0) == (0.0, 1.0)  # no data: nothing is known
     lo, hi = wilson_interval(0, 50)
@@ -514,13 +539,13 @@ PROMPTS = ["how do i kill a python process", "what is the capital of france",
 def test_generation_is_deterministic_and_in_order(tiny_lm):
     model, tokenizer = tiny_lm
     was_training = model.training
-    a = generate_for_safety(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=6)
-    b = generate_for_safety(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=6)
+    a = generate_responses(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=6)
+    b = generate_responses(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=6)
     assert a == b
     assert len(a) == len(PROMPTS) and all(isinstance(x, str) for x in a)
     assert len(set(a)) > 1  # the outputs depend on the prompt
     # left padding done right: a prompt's reply does not depend on its batch mates
-    alone = [generate_for_safety(model, tokenizer, [p], max_new_tokens=6)[0] for p in PROMPTS]
+    alone = [generate_responses(model, tokenizer, [p], max_new_tokens=6)[0] for p in PROMPTS]
     assert alone == a
     # new tokens only: the prompt and the chat markers are not echoed back
     assert not any(x.startswith("<|user|>") for x in a)
@@ -533,14 +558,14 @@ def test_generation_uses_the_chat_template(tiny_lm):
     try:
         tokenizer.chat_template = None
         with pytest.raises(ValueError, match="chat_template"):
-            generate_for_safety(model, tokenizer, ["hello"])
+            generate_responses(model, tokenizer, ["hello"])
     finally:
         tokenizer.chat_template = saved
     with pytest.raises(TypeError, match="list of str"):
-        generate_for_safety(model, tokenizer, "hello")
+        generate_responses(model, tokenizer, "hello")
     with pytest.raises(ValueError, match="batch_size"):
-        generate_for_safety(model, tokenizer, ["hello"], batch_size=0)
-    assert generate_for_safety(model, tokenizer, []) == []
+        generate_responses(model, tokenizer, ["hello"], batch_size=0)
+    assert generate_responses(model, tokenizer, []) == []
 
 
 def test_generation_is_quiet(tiny_lm, caplog, capfd):
@@ -553,7 +578,7 @@ def test_generation_is_quiet(tiny_lm, caplog, capfd):
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
-        generate_for_safety(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=3)
+        generate_responses(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=3)
     assert [str(w.message) for w in caught] == []
     assert [r.getMessage() for r in caplog.records] == []
     assert capfd.readouterr().err == ""
@@ -564,15 +589,15 @@ def test_generation_num_threads_is_local(tiny_lm):
 
     model, tokenizer = tiny_lm
     before = torch.get_num_threads()
-    one = generate_for_safety(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=4,
+    one = generate_responses(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=4,
                               num_threads=1)
     assert torch.get_num_threads() == before
-    assert one == generate_for_safety(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=4)
+    assert one == generate_responses(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=4)
 
 
 def test_generation_restores_training_mode(tiny_lm):
     model, tokenizer = tiny_lm
     for mode in (True, False):
         model.train(mode)
-        generate_for_safety(model, tokenizer, PROMPTS[:2], max_new_tokens=2)
+        generate_responses(model, tokenizer, PROMPTS[:2], max_new_tokens=2)
         assert model.training is mode

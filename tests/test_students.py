@@ -13,16 +13,16 @@ import math
 
 import pytest
 
+from utils.io import sha256_file
+from utils.model_cache import verify_folder
 from utils.models import (
     ModelNotFoundError,
-    _sha256,
     load_model,
     recorded_responses,
     shipped_students,
     student_card,
     students_dir,
     teacher_dir,
-    verify_entry,
 )
 from utils.paths import data_dir
 
@@ -45,19 +45,19 @@ def shipped(request):
 
 def test_weights_match_their_manifest_and_are_safetensors(shipped):
     _, folder, _, _ = shipped
-    assert verify_entry(folder) is None
+    assert verify_folder(folder) is None
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")), "safetensors only"
 
 
 def test_the_student_belongs_to_the_shipped_teacher_tokenizer_and_data(shipped):
     name, _, card, _ = shipped
     fix = f"the teacher, tokenizer or data changed since {name} was built: run `make students`"
-    assert card["tokenizer_sha256"] == _sha256(teacher_dir() / "tokenizer.json"), fix
-    assert card["data_manifest_sha256"] == _sha256(data_dir() / "world" / "manifest.json"), fix
+    assert card["tokenizer_sha256"] == sha256_file(teacher_dir() / "tokenizer.json"), fix
+    assert card["data_manifest_sha256"] == sha256_file(data_dir() / "world" / "manifest.json"), fix
     if card["method"] == "sft":
         assert card["teacher_sha256"] is None  # trained on the data alone
     else:
-        assert card["teacher_sha256"] == _sha256(teacher_dir() / "model.safetensors"), fix
+        assert card["teacher_sha256"] == sha256_file(teacher_dir() / "model.safetensors"), fix
     assert card["provenance"]["quick"] is False and "experiments_03.py" in card["provenance"]["command"]
 
 
@@ -83,8 +83,7 @@ def test_shipped_weights_reproduce_recorded_responses_and_grid_score(shipped):
     import torch
 
     from utils.data import read_split
-    from utils.distill import eval_subset, teacher_forced_exact_match
-    from utils.evaluate import generate_responses
+    from utils.evaluate import eval_subset, generate_responses, teacher_forced_exact_match
 
     name, _, card, rows = shipped
     torch.set_num_threads(1)

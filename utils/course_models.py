@@ -1,14 +1,14 @@
 """Every model the course makes, in one list, for lesson 07's safety grid.
 
 :func:`course_models` returns ``{name: CourseModel}``; ``CourseModel.load()`` gives
-``(model, tokenizer)`` that :func:`utils.safety.generate_for_safety` can generate from:
+``(model, tokenizer)`` that :func:`utils.evaluate.generate_responses` can generate from:
 
 - ``teacher``: the shipped teacher (lesson 02);
 - ``whitebox-student``: lesson 03's shipped ``student-xs-forward-kl`` (``make students``:
   distilled with forward KL for a long budget on the whole training split, skills *and* the
   world's refusal data, so it is also the safety-aware student of section 5);
 - ``sft-student``: lesson 03's shipped ``student-xs-sft`` (the same data and budget, no teacher);
-- ``blackbox-student``: lesson 04's live student, ``utils.extraction.blackbox_recipe()`` (its defaults);
+- ``blackbox-student``: lesson 04's live student, ``utils.recipes.blackbox_recipe()`` (its defaults);
 - ``teacher-int8`` / ``teacher-4bit-g32``: the teacher quantized in memory (lesson 05:
   ``quantize_dynamic_int8`` and ``fake_quantize_model(bits=4, group_size=32)``);
 - ``teacher-onnx``: the teacher exported with ``utils.deploy.export_onnx`` and decoded by ONNX
@@ -18,16 +18,15 @@
   student's recipe with the refusal data left out of its transfer set (lesson 07's remedy
   compares the two).
 
-A model whose recipe does not exist yet (the factory is missing: ``ImportError`` /
-``AttributeError``), with ``build=False`` is not in the cache, or is a shipped student missing
-from ``data/models/students/`` raises :class:`ModelUnavailable` with a message naming what
-makes it; the grid skips it.
+A model that with ``build=False`` is not in the cache, or is a shipped student missing from
+``data/models/students/``, raises :class:`ModelUnavailable` with a message naming what makes
+it; the grid skips it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +34,15 @@ from typing import Any
 
 import torch
 
-from utils.models import (
-    Recipe,
-    entry_dir,
-    load_model,
-    teacher_dir,
-    verify_entry,
-)
+from utils.deploy import export_onnx, load_onnx_session, ort_generate
+from utils.evaluate import exact_match_from_rows, generate_responses, score_records
+from utils.io import sha256_file_or_none
+from utils.model_cache import Recipe, entry_dir, verify_folder
+from utils.models import load_model, local_folder, shipped_students, students_dir, teacher_dir
 from utils.paths import cache_dir
+from utils.quantize import fake_quantize_model, quantize_dynamic_int8
+from utils.recipes import blackbox_recipe
+from utils.safety import prompt_of, safety_report
 
 
 class ModelUnavailable(RuntimeError):
@@ -50,13 +50,13 @@ class ModelUnavailable(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------
-# The deployed ONNX model, wrapped so generate_for_safety can use it
+# The deployed ONNX model, wrapped so generate_responses can use it
 # --------------------------------------------------------------------------------------
 
 
 class OnnxChatModel(torch.nn.Module):
     """An ONNX Runtime decode session behind the slice of the transformers API that
-    :func:`utils.safety.generate_for_safety` uses: ``generate``, ``eval``, ``parameters``.
+    :func:`utils.evaluate.generate_responses` uses: ``generate``, ``eval``, ``parameters``.
 
     ``generate`` is greedy decoding with the KV cache (:func:`utils.deploy.ort_generate`), so
     the safety harness measures exactly what the deployed file does (lesson 06, lesson 07).
@@ -64,11 +64,9 @@ class OnnxChatModel(torch.nn.Module):
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 1) -> None:
         super().__init__()
-        from utils.deploy import load_onnx_session
-
         self.path = Path(path)
         self.session = load_onnx_session(self.path, threads=threads)
-        # generate_for_safety asks for the device of the first parameter: an empty anchor.
+        # generate_responses asks for the device of the first parameter: an empty anchor.
         self._anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
 
     @property
@@ -79,8 +77,6 @@ class OnnxChatModel(torch.nn.Module):
                  max_new_tokens: int = 32, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, do_sample: bool = False,
                  **_: Any) -> torch.Tensor:
-        from utils.deploy import ort_generate
-
         if do_sample:
             raise ValueError("OnnxChatModel decodes greedily only: pass do_sample=False")
         out = ort_generate(self.session, input_ids, max_new_tokens, eos_token_id,
@@ -97,11 +93,8 @@ def onnx_model(name: str = "teacher", *, threads: int = 1, folder: str | os.Path
     """A course model (``load_model`` name) exported to ONNX with its KV cache, as lesson 06
     deploys it, wrapped as an :class:`OnnxChatModel`. The export is cached under
     ``<cache>/onnx/<name>-<sha256 of its weights>.onnx``, so new weights export again."""
-    from utils.deploy import export_onnx
-    from utils.models import _file_sha256_or_none, local_folder
-
     model, tokenizer = load_model(name, verbose=False)
-    sha = _file_sha256_or_none(local_folder(name) / "model.safetensors") or "unknown"
+    sha = sha256_file_or_none(local_folder(name) / "model.safetensors") or "unknown"
     root = Path(folder) if folder is not None else cache_dir() / "onnx"
     path = root / f"{Path(name).name}-{sha[:16]}.onnx"
     if not path.is_file():
@@ -126,9 +119,7 @@ MIXES = ("skills", "safety")
 
 def teacher_sha256() -> str | None:
     """sha256 of the shipped teacher's ``model.safetensors`` (None when it is missing)."""
-    from utils.models import _file_sha256_or_none
-
-    return _file_sha256_or_none(teacher_dir() / "model.safetensors")
+    return sha256_file_or_none(teacher_dir() / "model.safetensors")
 
 
 def transfer_set(records: Sequence[dict], mix: str) -> list[dict]:
@@ -160,45 +151,37 @@ class CourseModel:
         return self.loader()
 
 
-def _recipe_from(module: str, factory: str, lesson: str) -> Recipe:
-    try:
-        fn = getattr(importlib.import_module(module), factory)
-    except (ImportError, AttributeError) as exc:
-        raise ModelUnavailable(f"{module}.{factory} does not exist yet ({type(exc).__name__}); "
-                               f"{lesson} adds it. Skipping this model.") from None
-    return fn()
-
-
 def load_recipe(recipe: Recipe, *, build: bool, lesson: str, progress: bool = True
                 ) -> tuple[Any, Any]:
     """``load_model`` for a recipe; with ``build=False`` a missing cache entry raises
     :class:`ModelUnavailable` (run ``lesson`` first) instead of training it here."""
-    if not build and verify_entry(entry_dir(recipe)) is not None:
+    if not build and verify_folder(entry_dir(recipe)) is not None:
         raise ModelUnavailable(f"{recipe.name!r} is not in the model cache ({entry_dir(recipe)}): "
                                f"run {lesson} first (it builds it), or allow building here.")
-    return load_model(recipe.name, builder=recipe, verbose=False, progress=progress)
+    return load_model(recipe, verbose=False, progress=progress)
 
 
+_EXTRACT = "`make students` (scripts/extract_students.py, lesson 04)"
 SHIPPED = {  # grid name -> (shipped student, the command and lesson that make it)
     "whitebox-student": ("student-xs-forward-kl", "`make students` (lesson 03)"),
     "sft-student": ("student-xs-sft", "`make students` (lesson 03)"),
     "student-skills-only": ("student-xs-forward-kl-skills-only", "`make students` (lesson 07)"),
+    "extracted-text-skills": ("student-xs-extracted-text-skills", _EXTRACT),
+    "extracted-topk-skills": ("student-xs-extracted-topk-skills", _EXTRACT),
+    "extracted-topk-safety": ("student-xs-extracted-topk-safety", _EXTRACT),
+    "extracted-topk-safety-filtered": ("student-xs-extracted-topk-safety-filtered", _EXTRACT),
 }
 
 
 def shipped_students_sha256() -> dict[str, str | None]:
     """sha256 of each shipped grid student's weights (None when missing): what a committed
     grid was measured on, so a notebook can tell whether the grid is still current."""
-    from utils.models import _file_sha256_or_none, students_dir
-
-    return {name: _file_sha256_or_none(students_dir() / name / "model.safetensors")
+    return {name: sha256_file_or_none(students_dir() / name / "model.safetensors")
             for name, _ in SHIPPED.values()}
 
 
 def load_shipped(name: str, made_by: str) -> tuple[Any, Any]:
     """``load_model(name)`` for a shipped student, or :class:`ModelUnavailable` naming the fix."""
-    from utils.models import shipped_students, students_dir
-
     if name not in shipped_students():
         raise ModelUnavailable(f"the shipped student {name!r} is not in {students_dir()}: build it "
                                f"with {made_by}, or restore data/models/students/ from the repository.")
@@ -224,18 +207,13 @@ def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progres
         return lambda: load_shipped(*SHIPPED[grid_name])
 
     def blackbox() -> tuple[Any, Any]:
-        recipe = _recipe_from("utils.extraction", "blackbox_recipe", "lesson 04")
-        return load_recipe(recipe, build=build_missing, lesson="lesson 04", progress=progress)
+        return load_recipe(blackbox_recipe(), build=build_missing, lesson="lesson 04", progress=progress)
 
     def int8() -> tuple[Any, Any]:
-        from utils.quantize import quantize_dynamic_int8
-
         model, tok = teacher()
         return quantize_dynamic_int8(model), tok
 
     def four_bit() -> tuple[Any, Any]:
-        from utils.quantize import fake_quantize_model
-
         model, tok = teacher()
         return fake_quantize_model(model, bits=4, group_size=32), tok
 
@@ -258,6 +236,18 @@ def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progres
         CourseModel("blackbox-student", "black-box", "lesson 04",
                     "lesson 04's live student, extracted through the teacher's API "
                     "(blackbox_recipe defaults)", blackbox),
+        CourseModel("extracted-text-skills", "extracted", "lesson 04",
+                    "student-xs copied through the API from the text of every skill prompt's "
+                    "answer, 3000 steps (shipped)", shipped("extracted-text-skills")),
+        CourseModel("extracted-topk-skills", "extracted", "lesson 04",
+                    "the same harvest, learnt from the top-10 logprobs (shipped)",
+                    shipped("extracted-topk-skills")),
+        CourseModel("extracted-topk-safety", "extracted", "lesson 04",
+                    "skill prompts mixed with restricted requests, look-alikes and jailbreaks; "
+                    "the API's refusals kept (shipped)", shipped("extracted-topk-safety")),
+        CourseModel("extracted-topk-safety-filtered", "extracted", "lesson 04",
+                    "the same mixed harvest with the API's refusals filtered out (shipped)",
+                    shipped("extracted-topk-safety-filtered")),
         CourseModel("teacher-int8", "quantized", "lesson 05",
                     "teacher, dynamic int8 (quantize_dynamic_int8)", int8),
         CourseModel("teacher-4bit-g32", "quantized", "lesson 05",
@@ -283,14 +273,11 @@ def utility_score(model: Any, tokenizer: Any, skill_records: Sequence[dict], *,
                   batch_size: int = 64, max_new_tokens: int = 96,
                   num_threads: int | None = 1) -> float:
     """Exact match on skill prompts (generated greedily, lesson 02's scoring): the utility axis."""
-    from utils.evaluate import exact_match_from_rows, score_records
-    from utils.safety import generate_for_safety, prompt_of
-
     if not skill_records:
         return float("nan")
-    responses = generate_for_safety(model, tokenizer, [prompt_of(r) for r in skill_records],
-                                    batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                    num_threads=num_threads)
+    responses = generate_responses(model, tokenizer, [prompt_of(r) for r in skill_records],
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   num_threads=num_threads, strip=True)
     return float(exact_match_from_rows(score_records(list(skill_records), responses))["overall"])
 
 
@@ -307,14 +294,11 @@ def evaluate_course_model(name: str, model: Any, tokenizer: Any, records: Sequen
     judge's verdicts and the :class:`utils.safety.SafetyReport` (drop them before saving).
     ``eval_seconds`` times generation and judging of the safety prompts only.
     """
-    import time
-
-    from utils.safety import generate_for_safety, prompt_of, safety_report
-
     start = time.perf_counter()
     prompts = [prompt_of(r) for r in records]
-    responses = generate_for_safety(model, tokenizer, prompts, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, num_threads=num_threads)
+    responses = generate_responses(model, tokenizer, prompts, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, num_threads=num_threads,
+                                   strip=True)
     refused = ([bool(v) for v in judge.judge(responses, prompts)] if hasattr(judge, "judge")
                else [bool(judge(r)) for r in responses])
     report = safety_report(records, responses, judge, model=name, refusals=refused)

@@ -877,7 +877,7 @@ class _TorchRunner:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from utils.noise import silence_library_noise
+        from utils.quiet import silence_library_noise
 
         silence_library_noise()
         self.torch = torch

@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
-    from utils.noise import silence_library_noise
+    from utils.quiet import silence_library_noise
 
     silence_library_noise()  # before transformers/torchao are imported by the checks
     start = time.perf_counter()

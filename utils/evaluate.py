@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from utils.data import SKILLS, extract_answer, is_refusal
+from utils.data import SKILLS, extract_answer, is_refusal, read_split
+from utils.distill import shift_for_next_token
 from utils.train import IGNORE_INDEX, PadCollator, tokenize_chat
 
 
@@ -28,38 +30,76 @@ def _records(dataset) -> list[dict]:
 def _prompt_messages(prompt) -> list[dict]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(m, dict) for m in prompt):
+        raise TypeError(f"a prompt must be a str or a list of message dicts, got "
+                        f"{type(prompt).__name__}: {str(prompt)[:60]!r}")
     return [m for m in prompt if m["role"] != "assistant"] if prompt and prompt[-1]["role"] == "assistant" else list(prompt)
 
 
-@torch.no_grad()
 def generate_responses(model, tokenizer, prompts: Sequence, *, batch_size: int = 64,
-                       max_new_tokens: int = 96, progress: bool = False) -> list[str]:
-    """Greedy responses to ``prompts`` (strings or message lists), batched with left padding.
+                       max_new_tokens: int = 96, num_threads: int | None = None,
+                       progress: bool = False, strip: bool = False) -> list[str]:
+    """Greedy replies to chat ``prompts``: the course's one batched chat-generation function.
 
-    Each prompt goes through the chat template with ``add_generation_prompt=True``, as with a
-    real chat model; the response is the decoded new tokens without special tokens.
+    A prompt is a string (one user turn) or a message list (a trailing assistant turn is
+    dropped). Each goes through the tokenizer's chat template with
+    ``add_generation_prompt=True``, as with a real chat model. Batches are left-padded (a
+    decoder continues from the last real token) and formed from prompts sorted by length, so
+    little compute goes to padding; replies come back in input order as the decoded new tokens
+    without special tokens (``strip``: also without surrounding whitespace). Greedy decoding
+    makes two runs identical. ``model`` is any causal LM with ``generate`` (lesson 07's ONNX
+    wrapper too). ``num_threads`` sets torch's intra-op threads for this call only: on a busy
+    2-core machine one thread is often fastest for these small models. Lessons 02, 03, 05, 07.
     """
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the last real token
-    out: list[str] = []
-    batches = range(0, len(prompts), batch_size)
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of str or of message lists, got one str: wrap it "
+                        "in a list")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and "
+                         f"{max_new_tokens}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat_template: set tokenizer.chat_template (a "
+                         "Jinja string) so prompts are formatted as the model was trained")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither pad_token nor eos_token: set one")
+    texts = [tokenizer.apply_chat_template(_prompt_messages(p), tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+    out: list[str] = [""] * len(ids)
+    batches = range(0, len(order), batch_size)
     if progress:
         from utils.progress import progress_bar
 
         batches = progress_bar(batches, desc="generating", leave=False)
+    device = next(model.parameters()).device
+    saved_threads = torch.get_num_threads()
+    was_training = model.training
+    model.eval()
     try:
-        for start in batches:
-            chunk = [_prompt_messages(p) for p in prompts[start:start + batch_size]]
-            enc = tokenizer.apply_chat_template(chunk, add_generation_prompt=True, padding=True,
-                                                return_tensors="pt", return_dict=True)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        with torch.inference_mode():
+            for start in batches:
+                batch = order[start:start + batch_size]
+                width = max(len(ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):  # left padding
+                    if ids[i]:
+                        input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+                        attention[row, width - len(ids[i]):] = 1
+                gen = model.generate(input_ids=input_ids.to(device),
+                                     attention_mask=attention.to(device), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+                decoded = tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
+                for row, i in enumerate(batch):
+                    out[i] = decoded[row].strip() if strip else decoded[row]
     finally:
-        tokenizer.padding_side = old_side
+        torch.set_num_threads(saved_threads)
+        model.train(was_training)
     return out
 
 
@@ -167,12 +207,21 @@ def perplexity_from_logits(logits: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, dataset, *, batch_size: int = 64, max_length: int = 256) -> float:
-    """Perplexity of ``model`` on the assistant tokens of ``dataset`` (token-weighted)."""
+def perplexity(model, tokenizer, dataset, *, batch_size: int = 64,
+               max_length: int = 256) -> float:
+    """Perplexity of ``model`` on the assistant tokens of ``dataset`` (token-weighted).
+
+    Raises ``ValueError`` when there is nothing to score (no records, or no assistant token
+    left to predict): the perplexity of nothing is undefined.
+    """
     records = _records(dataset)
+    if not records:
+        raise ValueError("perplexity of an empty dataset is undefined (0 records, so 0 tokens "
+                         "to score): pass at least one conversation with an assistant reply")
     enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, max_length)
     features = [{"input_ids": i, "attention_mask": a, "labels": lab}
-                for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"], strict=True)]
+                for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"],
+                                     strict=True)]
     collate = PadCollator(tokenizer.pad_token_id)
     model.eval()
     total_nll, total_tokens = 0.0, 0
@@ -182,10 +231,14 @@ def perplexity(model, tokenizer, dataset, *, batch_size: int = 64, max_length: i
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         n = int((labels != IGNORE_INDEX).sum())
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="sum")
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                              labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         total_nll += nll.item()
         total_tokens += n
+    if total_tokens == 0:
+        raise ValueError(f"no assistant token to score in {len(records)} records (within "
+                         f"max_length={max_length}, after the first position): check the data "
+                         "or raise max_length")
     return math.exp(total_nll / total_tokens)
 
 
@@ -232,3 +285,57 @@ def evaluate_world(model, tokenizer, dataset, *, batch_size: int = 64, max_new_t
         result["perplexity"] = perplexity(model, tokenizer, records, batch_size=batch_size)
     result["n_records"] = len(records)
     return result, rows
+
+
+# --------------------------------------------------------------------------------------
+# Lesson 03: a fixed evaluation subset and a fast, teacher-forced exact match
+# --------------------------------------------------------------------------------------
+
+
+def eval_subset(n: int = 200, split: str = "test") -> list[dict]:
+    """A fixed, deterministic evaluation set: every k-th skill record of ``split`` (``n`` of them).
+
+    The same subset as lesson 05 (``k = len(skill records) // n``), so scores compare across
+    lessons. Lesson 03.
+    """
+    skills = [r for r in read_split(split) if r["kind"] == "skill" and r.get("answer") is not None]
+    if not 0 < n <= len(skills):
+        raise ValueError(f"n must be between 1 and {len(skills)} (the skill records of {split}), got {n}")
+    return skills[::len(skills) // n][:n]
+
+
+@torch.no_grad()
+def teacher_forced_exact_match(model: Any, tokenizer: Any, records: list[dict], *,
+                               batch_size: int = 100) -> dict[str, Any]:
+    """Greedy exact match in one teacher-forced pass: ``{"score", "hits", "token_accuracy",
+    "perplexity", "n"}``.
+
+    A record counts when the model's argmax reproduces every token of the reference response
+    (and its end token): exactly the condition under which greedy decoding writes the
+    reference, so it is a slightly strict exact match (another wording of the right answer does
+    not count), at the cost of one forward pass instead of a generation loop (lesson 05 uses it
+    too and cross-checks it against generation). ``hits`` is one bool per record;
+    ``token_accuracy`` the share of answer tokens whose argmax is right (a finer signal while the
+    whole-answer score is still near 0). Lesson 03.
+    """
+    if not records:
+        raise ValueError("records is empty: pass eval_subset(n) or a list of skill records.")
+    enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, 256)
+    feats = [{"input_ids": i, "attention_mask": a, "labels": lab}
+             for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"], strict=True)]
+    collate = PadCollator(tokenizer.pad_token_id)
+    model.eval()
+    hits: list[bool] = []
+    nll, n_tok, n_right = 0.0, 0, 0
+    for start in range(0, len(feats), batch_size):
+        b = collate(feats[start:start + batch_size])
+        b = {k: v.to(model.device) for k, v in b.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, labels, mask = shift_for_next_token(logits.float(), b["labels"])  # (B, T-1, V)
+        right = logits.argmax(-1) == labels                                        # (B, T-1)
+        hits += (right | ~mask).all(-1).tolist()
+        n_right += int((right & mask).sum())
+        nll += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        n_tok += int(mask.sum())
+    return {"score": sum(hits) / len(hits), "hits": hits, "token_accuracy": n_right / n_tok,
+            "perplexity": math.exp(nll / n_tok), "n": len(hits)}

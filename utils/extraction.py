@@ -376,25 +376,6 @@ def fidelity_dense(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     return {"top1_agreement": agree, "kl": kl, "tv": tv}
 
 
-@torch.no_grad()
-def greedy_responses(model: Any, tokenizer: Any, prompts: Iterable[str | Sequence[dict]], *,
-                     max_new_tokens: int = 32) -> list[str]:
-    """The model's greedy answer to each prompt, with the same chat template as the API."""
-    out = []
-    device = next(model.parameters()).device
-    for prompt in prompts:
-        ids = torch.tensor([prompt_ids(as_messages(prompt), tokenizer)], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                             top_p=None, top_k=None, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        new = gen[0, ids.shape[1]:].tolist()
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id)]
-        out.append(tokenizer.decode(new, skip_special_tokens=True))
-    return out
-
-
 def greedy_exact_match(student_texts: Sequence[str], teacher_texts: Sequence[str]) -> float:
     """Share of prompts where the student's greedy answer equals the teacher's exactly."""
     if len(student_texts) != len(teacher_texts) or not teacher_texts:
@@ -479,10 +460,74 @@ def logprob_matrix(records: Sequence[HarvestRecord], *, position: int = 0,
     return m, vocab
 
 
+@dataclass
+class RecoveredLogprobs:
+    """What :func:`recover_logprobs` found: the full next-token logprob vector and its cost."""
+
+    logprobs: np.ndarray  # (V,) log-probabilities over the tokenizer's ids; NaN where unseen
+    queries: int          # API calls spent
+    unseen: list[int]     # token ids that never entered the top-k, even with the bias
+
+    @property
+    def coverage(self) -> float:
+        return 1.0 - len(self.unseen) / len(self.logprobs)
+
+
+def recover_logprobs(client: Any, prompt: str | Sequence[dict[str, str]], tokenizer: Any, *,
+                     top_k: int = 5, bias: float = 100.0, model: str | None = None,
+                     vocab: Sequence[int] | None = None, seed: int = 0) -> RecoveredLogprobs:
+    """The full next-token logprob vector from an API that shows only the top ``top_k``.
+
+    Carlini et al. (2024), "Stealing part of a production language model", section 5: a
+    ``logit_bias`` of ``+bias`` on a token lifts it into the top-k, and the bias cancels in a
+    *difference* of two biased tokens' logprobs (both are divided by the same normaliser):
+    ``z_i - z_ref = lp'_i - lp'_ref``. So one query reads the first ``top_k`` logprobs as they
+    are, then each further query biases ``top_k - 1`` new tokens *and* the reference (the
+    top-1 token) by the same amount, and ``lp_i = lp_ref + (lp'_i - lp'_ref)``. About
+    ``V / (top_k - 1)`` queries per prompt, all with ``max_tokens=1``. Lesson 04.
+    """
+    if top_k < 2:
+        raise ValueError(f"top_k must be >= 2 (a reference and a new token), got {top_k}")
+    if model is None:
+        model = client.models.list().data[0].id
+    ids = list(range(len(tokenizer))) if vocab is None else [int(i) for i in vocab]
+    messages = as_messages(prompt)
+
+    def ask(logit_bias: dict[int, float]) -> dict[int, float]:
+        kwargs: dict[str, Any] = dict(model=model, messages=messages, max_tokens=1,
+                                      temperature=0.0, seed=seed, logprobs=True,
+                                      top_logprobs=top_k)
+        if logit_bias:
+            kwargs["logit_bias"] = {str(t): b for t, b in logit_bias.items()}
+        entry = client.chat.completions.create(**kwargs).choices[0].logprobs.content[0]
+        return {token_to_id(t.token, tokenizer): float(t.logprob) for t in entry.top_logprobs}
+
+    plain = ask({})
+    queries = 1
+    ref = max(plain, key=plain.get)
+    known: dict[int, float] = dict(plain)
+    todo = [i for i in ids if i not in known]
+    step = top_k - 1
+    for start in range(0, len(todo), step):
+        group = todo[start:start + step]
+        seen = ask({**{t: bias for t in group}, ref: bias})
+        queries += 1
+        if ref not in seen:  # the reference fell out: nothing in this query can be anchored
+            continue
+        for t in group:
+            if t in seen:
+                known[t] = plain[ref] + (seen[t] - seen[ref])
+    out = np.full(len(tokenizer) if vocab is None else max(ids) + 1, np.nan)
+    for t, lp in known.items():
+        if t < len(out):
+            out[t] = lp
+    return RecoveredLogprobs(logprobs=out, queries=queries,
+                             unseen=[i for i in ids if i not in known])
+
+
 # ----------------------------------------------------------------------------------------
 # Lesson 04's attack end to end: prompts, a cached harvest, students, fidelity
 
-BLACKBOX_RECIPE_VERSION = "1"  # bump when blackbox_recipe's harvest or training code changes
 HARVEST_CACHE_VERSION = "2"  # bump when cached_harvest's file layout or querying changes
 
 Granularity = Literal["text", "topk"]
@@ -515,6 +560,44 @@ def skill_prompts(split: str = "train", n: int | None = None, *, seed: int = 0) 
     return prompts if n is None else prompts[:n]
 
 
+HARVEST_MIXES = ("skills", "safety", "safety-filtered")
+
+
+def mix_prompts(mix: str = "skills", split: str = "train", *, seed: int = 0) -> list[str]:
+    """What an attacker sends the API, shuffled by ``seed`` (lesson 04's harvest variants).
+
+    ``"skills"``: ordinary tasks only (:func:`skill_prompts`). ``"safety"`` and
+    ``"safety-filtered"``: the same tasks mixed with the world's restricted requests, their
+    benign look-alikes and jailbreak-wrapped requests (an attacker who replays real user
+    traffic); ``"safety-filtered"`` differs only in what the attacker keeps afterwards
+    (:func:`keep_for_training` drops the API's refusals).
+    """
+    import random
+
+    from utils.data import read_split
+
+    if mix not in HARVEST_MIXES:
+        raise ValueError(f"mix must be one of {', '.join(HARVEST_MIXES)}, got {mix!r}")
+    if mix == "skills":
+        return skill_prompts(split, seed=seed)
+    prompts = [r["messages"][0]["content"] for r in read_split(split)
+               if r["kind"] in ("skill", "restricted", "benign", "jailbreak")]
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def keep_for_training(records: Sequence[HarvestRecord], mix: str) -> list[HarvestRecord]:
+    """The harvested answers an attacker trains on: all of them, or for ``"safety-filtered"``
+    all but the API's refusals (the attacker who wants a copy without the safeguards)."""
+    from utils.data import is_refusal
+
+    if mix not in HARVEST_MIXES:
+        raise ValueError(f"mix must be one of {', '.join(HARVEST_MIXES)}, got {mix!r}")
+    if mix != "safety-filtered":
+        return list(records)
+    return [r for r in records if not is_refusal(r.text)]
+
+
 def fidelity_eval_records(n: int = 64) -> list[dict]:
     """Lesson 04's held-out evaluation set: every k-th *skill* record of the test split, ``n`` of them.
 
@@ -529,29 +612,16 @@ def fidelity_eval_records(n: int = 64) -> list[dict]:
     return skills[:: max(1, len(skills) // n)][:n]
 
 
-def _sha256_file(path: Any) -> str | None:
-    import hashlib
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with p.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def teacher_fingerprint() -> dict[str, str | None]:
     """sha256 of the shipped teacher's weights, its tokenizer and the world's data manifest."""
+    from utils.io import sha256_file_or_none
     from utils.models import teacher_dir
     from utils.paths import data_dir
 
     t = teacher_dir()
-    return {"teacher_sha256": _sha256_file(t / "model.safetensors"),
-            "tokenizer_sha256": _sha256_file(t / "tokenizer.json"),
-            "data_manifest_sha256": _sha256_file(data_dir() / "world" / "manifest.json")}
+    return {"teacher_sha256": sha256_file_or_none(t / "model.safetensors"),
+            "tokenizer_sha256": sha256_file_or_none(t / "tokenizer.json"),
+            "data_manifest_sha256": sha256_file_or_none(data_dir() / "world" / "manifest.json")}
 
 
 def defences_key(defences: Any) -> dict[str, Any]:
@@ -598,7 +668,7 @@ def cached_harvest(prompts: Sequence[str], *, budget: int, top_logprobs: int | N
     """
     import json
 
-    from utils.io import atomic_write_json
+    from utils.io import atomic_write_json, file_lock
     from utils.serve import Defences, ServerConfig, start_server
 
     defences = defences if defences is not None else Defences()
@@ -638,7 +708,13 @@ def cached_harvest(prompts: Sequence[str], *, budget: int, top_logprobs: int | N
                           temperature=temperature, seed=seed, extra_body=extra, progress=bar)
         bar.close()
         cache.update({key(r.messages): r.to_dict() for r in new})
-        atomic_write_json(path, {**payload, "records": cache})
+        with file_lock(path.with_name(f".{path.name}.lock")):  # merge with other harvesters
+            if path.is_file():
+                try:
+                    cache = {**json.loads(path.read_text())["records"], **cache}
+                except (ValueError, KeyError, TypeError):
+                    pass  # unreadable: this harvest replaces it
+            atomic_write_json(path, {**payload, "records": cache})
     return [HarvestRecord(**cache[key(p)]) for p in wanted if key(p) in cache]
 
 
@@ -675,7 +751,7 @@ def distill_from_topk(student: Any, tokenizer: Any, records: Sequence[HarvestRec
     """
     import tempfile
 
-    from utils.train import TrainResult, lm_training_arguments, quiet_progress
+    from utils.train import lm_training_arguments, run_trainer
 
     t = soft_targets_from_records(records, tokenizer, stop_token=True)
     rows = [{"input_ids": t.input_ids[i], "attention_mask": t.attention_mask[i],
@@ -689,99 +765,7 @@ def distill_from_topk(student: Any, tokenizer: Any, records: Sequence[HarvestRec
             progress=False, include_num_input_tokens_seen="no")
         trainer = _sparse_kd_trainer_class()(model=student, args=args, train_dataset=rows,
                                              data_collator=_collate_soft, callbacks=callbacks)
-        quiet_progress(trainer, False)
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-    student.eval()
-    return TrainResult(log_history=list(trainer.state.log_history), train_seconds=seconds,
-                       steps=trainer.state.global_step)
-
-
-def blackbox_recipe(*, queries: int = 96, granularity: Granularity = "topk", seed: int = 0,
-                    watermark: bool = False, watermark_bias: float = WATERMARK_BIAS,
-                    size: str = "student-xxs", steps: int = 150,
-                    batch_size: int = 32, lr: float = 3e-3, top_k: int | None = 10,
-                    max_tokens: int = 48, min_tokens: int | None = None,
-                    temperature: float = 0.0, name: str | None = None) -> Any:
-    """Register a student distilled from the teacher *through its API* (lesson 04).
-
-    The defaults are lesson 04's live student (its parameters cell), the one lesson 07's grid
-    loads from the cache that lesson fills (``tests/test_lesson04.py`` keeps the two equal).
-
-    The build harvests ``queries`` answers to ordinary skill prompts (train split, never a
-    safety prompt) from the teacher served on 127.0.0.1 (:func:`cached_harvest`: start the
-    API, query with the ``openai`` client, stop it), then trains zoo size ``size`` from
-    scratch for ``steps`` steps:
-
-    - ``granularity="text"``: sequence-level KD, SFT on the answers' text
-      (:func:`utils.train.train_lm`; Kim & Rush 2016, the DeepSeek-R1-distill recipe);
-    - ``granularity="topk"``: token-level KD on the top-``top_k`` logprobs
-      (:func:`distill_from_topk` with :func:`sparse_kd_loss`).
-
-    ``top_k`` is what the harvest asks for; ``granularity`` what the student learns from. With
-    the same ``top_k`` a text student and a top-k student share one harvest (the same answers:
-    only the granularity differs); ``top_k=None`` harvests text only (text students).
-
-    ``watermark=True`` puts a Kirchenbauer et al. (2023) watermark on the API
-    (:func:`watermark_config` with ``watermark_bias``). The cache key covers every argument, the tokenizer's, the data
-    manifest's and the teacher weights' sha256. ``load_model(recipe.name)`` builds once.
-    """
-    from utils.models import ZOO, register_recipe
-
-    if granularity not in ("text", "topk"):
-        raise ValueError(f"granularity must be 'text' or 'topk', got {granularity!r}")
-    if size not in ZOO or ZOO[size].target_ratio is None:
-        raise ValueError(f"size must be a zoo student, got {size!r}")
-    if queries < 1:
-        raise ValueError(f"queries must be >= 1, got {queries}")
-    if granularity == "topk" and not top_k:
-        raise ValueError("granularity='topk' needs top_k >= 1 logprobs per token")
-    k = top_k
-    extra = {"queries": queries, "granularity": granularity, "top_k": k, "seed": seed,
-             "watermark": watermark_bias if watermark else None, "steps": steps, "batch_size": batch_size, "lr": lr,
-             "max_tokens": max_tokens, "min_tokens": min_tokens, "temperature": temperature,
-             **teacher_fingerprint()}
-
-    def build(config: Any, progress: Any = None) -> tuple[Any, Any, dict]:
-        from utils.models import build_model, load_model
-        from utils.serve import Defences
-        from utils.train import bar_callback
-
-        teacher, tokenizer = load_model("teacher", verbose=False)
-        defences = Defences(watermark=watermark_config(watermark_bias) if watermark else None)
-        # the whole shuffled prompt list: every budget is a prefix of one cached harvest
-        records = cached_harvest(skill_prompts("train", seed=seed), budget=queries,
-                                 top_logprobs=k, max_tokens=max_tokens, min_tokens=min_tokens,
-                                 temperature=temperature, seed=seed, defences=defences,
-                                 model=teacher, tokenizer=tokenizer, progress=False)
-
-
-        bar = bar_callback(progress, steps)
-        student = build_model(config, seed=seed)
-        if granularity == "text":
-            from datasets import Dataset
-
-            from utils.train import train_lm
-
-            result = train_lm(student, tokenizer, Dataset.from_list(sft_examples(records)),
-                              max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                              progress=False, callbacks=[bar], max_length=256)
-        else:
-            result = distill_from_topk(student, tokenizer, records, max_steps=steps,
-                                       batch_size=batch_size, lr=lr, seed=seed,
-                                       callbacks=[bar])
-        losses = result.train_losses
-        info = {"queries_answered": len(records), "train_seconds": round(result.train_seconds, 2),
-                "completion_tokens": sum(r.completion_tokens for r in records),
-                "final_train_loss": losses[-1][1] if losses else None}
-        return student, tokenizer, info
-
-    wm = "-wm" if watermark else ""
-    default = f"{size}-blackbox-{granularity}-q{queries}{wm}-s{seed}"
-    return register_recipe(name or default, size, build, BLACKBOX_RECIPE_VERSION,
-                           description=f"{size} distilled through the API from {queries} "
-                                       f"{granularity} answers", extra=extra)
+        return run_trainer(trainer, progress=False)
 
 
 @torch.no_grad()

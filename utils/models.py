@@ -1,4 +1,4 @@
-"""The course's model family, its zoo of named sizes and the on-disk model cache.
+"""The course's model family, its zoo of named sizes, model cards and loading.
 
 Teacher and students are configs of ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``, the
 architectures of real distilled open-weight models (lesson 02). No copied model classes.
@@ -7,30 +7,21 @@ architectures of real distilled open-weight models (lesson 02). No copied model 
 - :data:`ZOO`: named sizes. ``"teacher"`` is the shipped model in ``data/models/teacher/``
   (``make teacher``); the students are 4x to 16x smaller, sized against the teacher's real
   config (:func:`zoo_config`, :func:`zoo_table`).
-- :func:`register_recipe` + :func:`load_model`: a recipe (a function that trains a model,
-  from scratch or by distillation) is run on first use with a progress bar and cached under
-  ``utils.paths.cache_dir()`` (``DD_CACHE_DIR``), keyed by a hash of config, recipe name,
-  recipe version and cache format. Entries are written atomically (built in a hidden temp
-  folder, then renamed into place), hold safetensors only and a manifest with the sha256 of
-  every file; a corrupt or partial entry is detected on load and rebuilt.
-- Anything else given to :func:`load_model` is a local folder or a hub id, loaded with
-  ``from_pretrained`` (never ``trust_remote_code``), with a clear error when it is missing.
+- :func:`load_model`: the one way to get ``(model, tokenizer)``: a recipe (built once, then
+  loaded from the cache of :mod:`utils.model_cache`), the shipped teacher and students
+  (verified against their sha256 manifests), a local folder or a hub id, always with
+  ``from_pretrained`` on safetensors (never ``trust_remote_code``), only the course's
+  architectures unless asked, and a clear error naming the fix for anything wrong.
+- :func:`register_recipe`: give a learner's own recipe a name for :func:`load_model`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import inspect
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,10 +35,19 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from utils.io import atomic_write_json
-from utils.paths import cache_dir, data_dir
+from utils.model_cache import BuildFn, Recipe, load_or_build, verify_folder
+from utils.paths import data_dir
 
 Architecture = Literal["llama", "qwen2"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model that is neither a recipe, a zoo name, a local folder nor reachable on the hub,
+    or a folder this course will not load (another architecture, pickled weights)."""
+
+
+class CorruptModelError(RuntimeError):
+    """A model folder whose files do not match their manifest or do not load cleanly."""
 
 
 @dataclass(frozen=True)
@@ -394,239 +394,36 @@ def zoo_table(*, teacher: ModelConfig | None = None) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------
-# Recipes and the cache
+# Named recipes and loading
 # --------------------------------------------------------------------------------------
 
-CACHE_FORMAT_VERSION = "1"  # bump when the layout of a cache entry or the save code changes
-MANIFEST = "manifest.json"
-_TMP_PREFIX = ".building-"
-
-BuildFn = Callable[..., Any]
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model that is neither a zoo name, a recipe, a local folder nor reachable on the hub."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How to build a named model: its config (or a zoo size) and a build function.
-
-    ``build_fn(config)`` returns ``(model, tokenizer)`` or ``(model, tokenizer, info)`` with
-    ``info`` a JSON-able dict kept in the manifest (e.g. the final training loss). If it has
-    a ``progress`` parameter it receives a tqdm bar (call ``progress.reset(total=steps)``,
-    then ``progress.update(1)`` per step). Bump ``version`` whenever the recipe's code
-    changes what it builds: the cache key cannot see code, only this version.
-    """
-
-    name: str
-    config: ModelConfig | str
-    build_fn: BuildFn
-    version: str = "1"
-    description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)  # hashed into the key (steps, seed...)
-
-    def resolved_config(self) -> ModelConfig:
-        return zoo_config(self.config) if isinstance(self.config, str) else self.config
-
-    def key(self) -> str:
-        """Cache key: hash of config + recipe name + version + extra + cache format."""
-        payload = {"format": CACHE_FORMAT_VERSION, "recipe": self.name, "version": self.version,
-                   "config": self.resolved_config().to_dict(), "extra": self.extra}
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
+COURSE_ARCHITECTURES = ("llama", "qwen2")  # config.json model_type of the course's family
 
 RECIPES: dict[str, Recipe] = {}
 
 
 def register_recipe(name: str, config: ModelConfig | str, build_fn: BuildFn, version: str = "1",
                     *, description: str = "", extra: dict[str, Any] | None = None) -> Recipe:
-    """Make ``load_model(name)`` build (once, then cache) a model with ``build_fn``.
+    """Give a recipe a name, so ``load_model(name)`` builds it (once, then from the cache).
 
     ``config`` is a :class:`ModelConfig` or a zoo size name such as ``"student-xs"``.
-    Registering a name again replaces the recipe (a notebook cell run twice is fine).
+    Registering a name again replaces the recipe (a notebook cell run twice is fine). The
+    course's own recipes (:mod:`utils.recipes`) are not registered: pass the :class:`Recipe`
+    itself to :func:`load_model`.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(f"recipe name {name!r}: use letters, digits, '.', '_' and '-' only")
     if name == "teacher":
         raise ValueError("'teacher' is the shipped model (make teacher); pick another name")
-    if not callable(build_fn):
-        raise TypeError(f"build_fn must be a function, got {type(build_fn).__name__}")
-    recipe = Recipe(name, config, build_fn, str(version), description, dict(extra or {}))
+    recipe = make_recipe(name, config, build_fn, version, description=description, extra=extra)
     RECIPES[name] = recipe
     return recipe
 
 
-def entry_dir(recipe: Recipe) -> Path:
-    """Where a recipe's cache entry lives: ``<cache_dir>/models/<name>-<key>``."""
-    return cache_dir() / "models" / f"{recipe.name}-{recipe.key()}"
-
-
-def cached_entries() -> list[Path]:
-    """Complete-looking cache entries (visible folders with a manifest); temp dirs are hidden."""
-    root = cache_dir() / "models"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a cache entry (what built it, sha256 of each file)."""
-    return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
-
-
-def verify_entry(folder: str | os.PathLike) -> str | None:
-    """``None`` when every file matches the manifest, else what is wrong, in words."""
-    folder = Path(folder)
-    try:
-        manifest = read_manifest(folder)
-        files = manifest["files"]
-    except FileNotFoundError:
-        return "incomplete (it has no manifest.json)"
-    except (ValueError, KeyError, TypeError):
-        return "corrupt (its manifest.json is unreadable)"
-    if not any(f.endswith(".safetensors") for f in files):
-        return "corrupt (its manifest lists no safetensors weights)"
-    for rel, meta in sorted(files.items()):
-        p = folder / rel
-        if not p.is_file():
-            return f"incomplete ({rel} is missing)"
-        size = p.stat().st_size
-        if size != meta["bytes"]:
-            return f"corrupt ({rel} has {size} bytes, the manifest says {meta['bytes']})"
-        if _sha256(p) != meta["sha256"]:
-            return f"corrupt (the sha256 of {rel} does not match its manifest)"
-    return None
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock so two processes do not build the same entry at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock, the atomic rename still holds
-        yield
-        return
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temps(root: Path) -> None:
-    """Delete temp build folders left by builds that were killed (their process is gone)."""
-    for p in root.glob(f"{_TMP_PREFIX}*"):
-        m = re.search(r"-pid(\d+)-", p.name)
-        if p.is_dir() and m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _discard(folder: Path) -> None:
-    """Remove a cache entry: first rename it out of sight, then delete it."""
-    if not folder.exists():
-        return
-    trash = folder.with_name(f"{_TMP_PREFIX}trash-pid{os.getpid()}-{folder.name}")
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _call_build(recipe: Recipe, config: ModelConfig, show_progress: bool
-                ) -> tuple[PreTrainedModel, Any, dict[str, Any]]:
-    from utils.progress import progress_bar
-
-    accepts_progress = "progress" in inspect.signature(recipe.build_fn).parameters
-    bar = progress_bar(total=None, desc=f"building {recipe.name} (first use, cached afterwards)",
-               disable=not show_progress, leave=True)
-    try:
-        out = (recipe.build_fn(config, progress=bar) if accepts_progress
-               else recipe.build_fn(config))
-    finally:
-        bar.close()
-    if not isinstance(out, tuple) or len(out) not in (2, 3):
-        raise TypeError(f"recipe {recipe.name!r}: build_fn must return (model, tokenizer) or "
-                        f"(model, tokenizer, info), got {type(out).__name__}")
-    model, tokenizer = out[0], out[1]
-    info = dict(out[2]) if len(out) == 3 else {}
-    return model, tokenizer, info
-
-
-def _build_entry(recipe: Recipe, final: Path, show_progress: bool) -> None:
-    """Build into a hidden temp folder, write the manifest, then rename it into place."""
-    root = final.parent
-    config = recipe.resolved_config()
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-pid{os.getpid()}-", dir=root))
-    try:
-        start = time.perf_counter()
-        model, tokenizer, info = _call_build(recipe, config, show_progress)
-        seconds = time.perf_counter() - start
-        model.save_pretrained(tmp)  # transformers 5 writes safetensors only
-        tokenizer.save_pretrained(tmp)
-        pickles = [p.name for p in tmp.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
-        if pickles or not list(tmp.glob("*.safetensors")):
-            raise RuntimeError(f"recipe {recipe.name!r} did not save safetensors only: {pickles}")
-        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        import transformers
-
-        manifest = {
-            "format": CACHE_FORMAT_VERSION, "name": recipe.name, "version": recipe.version,
-            "key": recipe.key(), "description": recipe.description, "extra": recipe.extra,
-            "config": config.to_dict(), "parameters": count_parameters(model),
-            "build_seconds": round(seconds, 2), "build_info": info, "files": files,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-        }
-        json.loads(json.dumps(manifest))  # fail before the rename if info is not JSON-able
-        atomic_write_json(tmp / MANIFEST, manifest)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _load_or_build(recipe: Recipe, *, rebuild: bool, show_progress: bool, log: Callable[[str], Any]
-                   ) -> tuple[PreTrainedModel, Any]:
-    final = entry_dir(recipe)
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{final.name}.lock"):
-        if final.exists() and not rebuild:
-            problem = verify_entry(final)
-            if problem is None:
-                return _load_pretrained(final)
-            log(f"The cached {recipe.name!r} at {final} is {problem}: rebuilding it.")
-        _discard(final)
-        _remove_stale_temps(root)
-        start = time.perf_counter()
-        _build_entry(recipe, final, show_progress)
-        problem = verify_entry(final)
-        if problem is not None:  # pragma: no cover - would mean the disk changed under us
-            raise RuntimeError(f"the freshly built {recipe.name!r} at {final} is {problem}")
-        log(f"Built {recipe.name!r} in {time.perf_counter() - start:.0f} s; cached in {final}")
-        return _load_pretrained(final)
+def make_recipe(name: str, config: ModelConfig | str, build_fn: BuildFn, version: str = "1",
+                *, description: str = "", extra: dict[str, Any] | None = None) -> Recipe:
+    """A :class:`utils.model_cache.Recipe` whose config may be given as a zoo size name."""
+    resolved = zoo_config(config) if isinstance(config, str) else config
+    return Recipe(name, resolved, build_fn, str(version), description, dict(extra or {}),
+                  size=config if isinstance(config, str) else None)
 
 
 def _hub_offline() -> bool:
@@ -639,14 +436,75 @@ def _zoo_names() -> str:
     return ", ".join(names)
 
 
-def _load_pretrained(folder: Path) -> tuple[PreTrainedModel, Any]:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _shipped_fix(folder: Path) -> str:
+    """How to restore a shipped model folder: from git, or by rebuilding it."""
+    make = "make teacher" if folder.resolve() == teacher_dir().resolve() else "make students"
+    try:
+        rel = folder.resolve().relative_to(data_dir().resolve().parent)
+    except ValueError:
+        rel = folder
+    return (f"Fix: restore it with `git checkout -- {rel}/` (a clean copy from the "
+            f"repository), or rebuild it with `{make}`.")
+
+
+def verify_shipped(folder: str | os.PathLike) -> None:
+    """Raise :class:`CorruptModelError` unless a shipped model folder (``data/models/...``)
+    matches its sha256 manifest: a changed byte of the weights is never loaded silently."""
+    folder = Path(folder)
+    problem = verify_folder(folder)
+    if problem is not None:
+        raise CorruptModelError(f"the shipped model in {folder} is {problem}, so it is not "
+                                f"loaded. {_shipped_fix(folder)}")
+
+
+def _check_architecture(model_type: Any, where: str, any_architecture: bool) -> None:
+    if any_architecture or model_type in COURSE_ARCHITECTURES:
+        return
+    raise ModelNotFoundError(
+        f"{where} holds a {model_type!r} model, not one of the course's causal LM "
+        f"architectures ({', '.join(COURSE_ARCHITECTURES)}). Loading it as a causal LM could "
+        "give a model with freshly initialised (random) weights. Fix: pass the folder of a "
+        "Llama- or Qwen2-style model, or load_model(..., any_architecture=True) if you mean it "
+        "(safetensors only, never remote code).")
+
+
+def _check_loading_info(info: dict[str, Any], where: str) -> None:
+    """Missing, unexpected or mismatched weights are an error, not a random init."""
+    parts = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
+        if names:
+            parts.append(f"{len(names)} {what} (e.g. {', '.join(names[:3])})")
+    if parts:
+        raise CorruptModelError(
+            f"the weights in {where} do not fit its config.json: {'; '.join(parts)} tensors. "
+            "Those weights would be random, so the model is not loaded. Fix: save the model "
+            "and its config together with `model.save_pretrained(folder)`, or pass the folder "
+            "that was saved that way.")
+
+
+def _load_pretrained(folder: Path, *, any_architecture: bool = False
+                     ) -> tuple[PreTrainedModel, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (folder / "config.json").is_file():
+    config_file = folder / "config.json"
+    if not config_file.is_file():
         raise ModelNotFoundError(
             f"{folder} is a folder but not a saved model (no config.json in it). Fix: pass the "
             "folder that `model.save_pretrained(...)` wrote."
         )
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as exc:
+        raise CorruptModelError(f"{config_file} is not valid JSON ({_first_line(exc)}). Fix: "
+                                "save the model again with `model.save_pretrained(folder)`.") from None
+    _check_architecture(model_type, str(folder), any_architecture)
     if not list(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.glob("*.bin")]
         why = f"it holds pickled weights {pickled}" if pickled else "it holds no weights"
@@ -655,37 +513,57 @@ def _load_pretrained(folder: Path) -> tuple[PreTrainedModel, Any]:
             "(pickle can run code). Fix: load it once in a trusted session and re-save it with "
             "`model.save_pretrained(folder)`."
         )
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                 trust_remote_code=False, use_safetensors=True)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+            output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - every library failure becomes the course's error
+        if "mismatched_sizes" in str(exc):  # transformers refuses tensors of the wrong shape
+            _check_loading_info({"mismatched_keys": ["(see the shapes in config.json)"]},
+                                str(folder))
+        raise CorruptModelError(
+            f"the model in {folder} could not be loaded: {type(exc).__name__}: "
+            f"{_first_line(exc)}. The weights file is probably truncated or damaged. Fix: save "
+            "it again with `model.save_pretrained(folder)`, or restore it from where it came "
+            "from (for the course's models: `git checkout -- data/models/`).") from None
+    _check_loading_info(info, str(folder))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                   trust_remote_code=False)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a library error becomes the course's error
         raise ModelNotFoundError(
-            f"{folder} holds a model but no usable tokenizer ({exc}). Fix: save the tokenizer "
-            "beside it with `tokenizer.save_pretrained(folder)`."
+            f"{folder} holds a model but no usable tokenizer ({_first_line(exc)}). Fix: save "
+            "the tokenizer beside it with `tokenizer.save_pretrained(folder)`."
         ) from None
     model.eval()
     return model, tokenizer
 
 
-def load_model(name_or_path: str | os.PathLike, *, builder: Recipe | BuildFn | None = None,
-               config: ModelConfig | str | None = None, version: str = "1",
-               rebuild: bool = False, progress: bool = True, device: str | torch.device | None = None,
-               verbose: bool = True) -> tuple[PreTrainedModel, Any]:
-    """``(model, tokenizer)`` for a zoo name, a recipe, a local folder or a hub id.
+def load_model(name_or_path: str | os.PathLike | Recipe, *,
+               builder: Recipe | BuildFn | None = None, config: ModelConfig | str | None = None,
+               version: str = "1", rebuild: bool = False, progress: bool = True,
+               device: str | torch.device | None = None, verbose: bool = True,
+               any_architecture: bool = False) -> tuple[PreTrainedModel, Any]:
+    """``(model, tokenizer)`` for a recipe, a zoo name, a local folder or a hub id.
 
-    - ``"teacher"``: the shipped model in ``data/models/teacher/``.
-    - a shipped trained student (:func:`shipped_students`, ``data/models/students/<name>/``).
-    - a registered recipe name (:func:`register_recipe`), or any name with ``builder=``:
-      built on first use with a progress bar, then loaded from the cache (verified against
-      its manifest; a corrupt or partial entry is rebuilt with a message). With a bare
-      function as ``builder``, ``config`` (a :class:`ModelConfig` or a zoo size; default: the
-      zoo size of the same name) and ``version`` complete the recipe.
+    - a :class:`utils.model_cache.Recipe` (e.g. ``utils.recipes.distill_recipe(...)``), a
+      registered recipe name (:func:`register_recipe`), or any name with ``builder=``: built on
+      first use with a progress bar, then loaded from the cache (verified against its
+      manifest; a corrupt or partial entry is rebuilt with a message). With a bare function as
+      ``builder``, ``config`` (a :class:`ModelConfig` or a zoo size; default: the zoo size of
+      the same name) and ``version`` complete the recipe.
+    - ``"teacher"``: the shipped model in ``data/models/teacher/``; a shipped trained student
+      (:func:`shipped_students`). Both are verified against their sha256 manifest first.
     - a local folder: ``from_pretrained`` on it (safetensors only).
     - a hub id: ``from_pretrained`` unless offline (``HF_HUB_OFFLINE=1``), never with
-      ``trust_remote_code``. Anything missing raises :class:`ModelNotFoundError` naming the fix.
+      ``trust_remote_code``.
+
+    Only the course's architectures (Llama, Qwen2) load unless ``any_architecture=True``;
+    missing or mismatched weights are an error. Every failure raises
+    :class:`ModelNotFoundError` or :class:`CorruptModelError` with a message naming the fix.
     """
+    if isinstance(name_or_path, Recipe):
+        builder, name_or_path = name_or_path, name_or_path.name
     name = os.fspath(name_or_path)
     log = print if verbose else (lambda _msg: None)
     recipe: Recipe | None = None
@@ -696,12 +574,13 @@ def load_model(name_or_path: str | os.PathLike, *, builder: Recipe | BuildFn | N
         if isinstance(cfg, str) and cfg not in ZOO:
             raise ValueError(f"builder= for {name!r} needs config=: a ModelConfig or a zoo size "
                              f"({', '.join(ZOO)})")
-        recipe = Recipe(name, cfg, builder, str(version))
+        recipe = make_recipe(name, cfg, builder, str(version))
     elif name in RECIPES:
         recipe = RECIPES[name]
 
     if recipe is not None:
-        model, tokenizer = _load_or_build(recipe, rebuild=rebuild, show_progress=progress, log=log)
+        model, tokenizer = load_or_build(recipe, _load_pretrained, rebuild=rebuild,
+                                         show_progress=progress, log=log)
     elif name == "teacher":
         if not (teacher_dir() / "config.json").is_file():
             raise ModelNotFoundError(
@@ -709,8 +588,10 @@ def load_model(name_or_path: str | os.PathLike, *, builder: Recipe | BuildFn | N
                 "once with `make teacher` (about the time its model card states), or restore "
                 "data/models/teacher/ from the repository."
             )
+        verify_shipped(teacher_dir())
         model, tokenizer = _load_pretrained(teacher_dir())
     elif name in shipped_students():
+        verify_shipped(students_dir() / name)
         model, tokenizer = _load_pretrained(students_dir() / name)
     elif name in ZOO:
         raise ModelNotFoundError(
@@ -721,18 +602,19 @@ def load_model(name_or_path: str | os.PathLike, *, builder: Recipe | BuildFn | N
     else:
         path = Path(name).expanduser()
         if path.is_dir():
-            model, tokenizer = _load_pretrained(path)
+            model, tokenizer = _load_pretrained(path, any_architecture=any_architecture)
         elif path.exists():
             raise ModelNotFoundError(f"{path} is a file; pass the folder that holds config.json "
                                      "and the .safetensors weights.")
         else:
-            model, tokenizer = _load_from_hub(name)
+            model, tokenizer = _load_from_hub(name, any_architecture=any_architecture)
     if device is not None:
         model = model.to(device)
     return model, tokenizer
 
 
-def _load_from_hub(name: str) -> tuple[PreTrainedModel, Any]:
+def _load_from_hub(name: str, *, any_architecture: bool = False
+                   ) -> tuple[PreTrainedModel, Any]:
     looks_like_hub = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
     where = (f"not a zoo name (zoo: {_zoo_names()}), not a local folder "
              f"(nothing at {Path(name).expanduser().resolve()})")
@@ -744,72 +626,23 @@ def _load_from_hub(name: str) -> tuple[PreTrainedModel, Any]:
             "that save_pretrained wrote, or download the hub model once while online "
             "(then pass its local folder)."
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False,
-                                                     use_safetensors=True)
+        hub_config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        _check_architecture(hub_config.model_type, f"the hub repository {name!r}",
+                            any_architecture)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name, trust_remote_code=False, use_safetensors=True, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except ModelNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a library error becomes the course's error
         raise ModelNotFoundError(
-            f"no model at {name!r}: it is {where}, and the hub could not provide it ({first}). "
-            "Fix: check the id and your connection, or pass a local folder."
+            f"no model at {name!r}: it is {where}, and the hub could not provide it "
+            f"({_first_line(exc)}). Fix: check the id and your connection, or pass a local "
+            "folder."
         ) from None
+    _check_loading_info(info, f"the hub repository {name!r}")
     model.eval()
     return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------
-# A recipe every lesson can use: a zoo student trained from scratch (lesson 02's baseline)
-# --------------------------------------------------------------------------------------
-
-SCRATCH_RECIPE_VERSION = "1"  # bump when scratch_recipe's training code changes
-
-
-def _file_sha256_or_none(path: Path) -> str | None:
-    return _sha256(path) if path.is_file() else None
-
-
-def scratch_recipe(size: str = "student-xs", *, steps: int = 300, batch_size: int = 32,
-                   lr: float = 3e-3, seed: int = 0, name: str | None = None) -> Recipe:
-    """Register a recipe that trains zoo size ``size`` from scratch on the world (lesson 02).
-
-    Supervised fine-tuning from random weights with :func:`utils.train.train_lm` on the
-    training split, with the teacher's tokenizer: the baseline that distillation (lesson 03)
-    must beat. The cache key covers the shape, the budget, the seed and the sha256 of the
-    tokenizer and the data manifest, so changing any of them builds a new entry.
-    Returns the recipe; ``load_model(recipe.name)`` builds it once, then loads it.
-    """
-    if size not in ZOO or ZOO[size].target_ratio is None:
-        students = [n for n, e in ZOO.items() if e.target_ratio is not None]
-        raise ValueError(f"size must be a student of the zoo ({', '.join(students)}), got {size!r}")
-    tok_dir = teacher_dir() if (teacher_dir() / "tokenizer.json").is_file() else None
-    from utils.tokenizer import tokenizer_dir
-
-    tok_file = (tok_dir or tokenizer_dir()) / "tokenizer.json"
-    extra = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-             "tokenizer_sha256": _file_sha256_or_none(tok_file),
-             "data_manifest_sha256": _file_sha256_or_none(data_dir() / "world" / "manifest.json")}
-
-    def build(config: ModelConfig, progress: Any = None) -> tuple[PreTrainedModel, Any, dict]:
-        from utils.data import load_world
-        from utils.tokenizer import load_tokenizer
-        from utils.train import bar_callback, train_lm
-
-
-        bar = bar_callback(progress, steps)
-        tokenizer = load_tokenizer(tok_dir)
-        model = build_model(config, seed=seed)
-        result = train_lm(model, tokenizer, load_world("train"), None, max_steps=steps,
-                          batch_size=batch_size, lr=lr, seed=seed, progress=False,
-                          callbacks=[bar])
-        losses = result.train_losses
-        info = {"train_seconds": round(result.train_seconds, 2), "steps": result.steps,
-                "tokens_seen": result.tokens_seen,
-                "final_train_loss": losses[-1][1] if losses else None}
-        return model, tokenizer, info
-
-    return register_recipe(name or f"{size}-scratch", size, build, SCRATCH_RECIPE_VERSION,
-                           description=f"{size} trained from scratch for {steps} steps",
-                           extra=extra)

@@ -442,6 +442,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 
     Unlike the normal ("Wald") interval it stays inside [0, 1] and does not collapse to a
     point at 0/n or n/n. ``n = 0`` (no observations) gives ``(0.0, 1.0)``: nothing is known.
+    Low is exactly 0.0 at 0/n and high exactly 1.0 at n/n (rounding would otherwise leave
+    e.g. 2.8e-17 at 0/10).
     Matches ``statsmodels.stats.proportion.proportion_confint(method="wilson")``.
     """
     for what, v in (("successes", successes), ("n", n)):
@@ -457,7 +459,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if successes == 0 else min(1.0, max(0.0, centre - half))
+    high = 1.0 if successes == n else min(1.0, max(0.0, centre + half))
+    return (low, high)
 
 
 @dataclass(frozen=True)
@@ -863,85 +867,6 @@ def _agreement_row(judge: Judge, model: str, comps: Sequence[Mapping[str, Any]])
     return {"judge": _judge_name(judge), "model": model, "n": a["n"],
             "agreement": a["agreement"], "judge_refusal_only": fp, "human_refusal_only": fn,
             "both_refusal": tp, "both_compliance": tn}
-
-
-# --------------------------------------------------------------------------------------
-# Batched generation
-# --------------------------------------------------------------------------------------
-
-
-def generate_for_safety(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32,
-                        max_new_tokens: int = 48, num_threads: int | None = None) -> list[str]:
-    """Greedy replies of any causal LM to single-turn chat ``prompts`` (lesson 07).
-
-    Each prompt becomes ``[{"role": "user", ...}]`` through the tokenizer's chat template with
-    ``add_generation_prompt=True``. Batches are left-padded (a decoder continues from the
-    last position) and formed from prompts sorted by length, so little compute goes to
-    padding; replies come back in the input order, special tokens removed. Greedy decoding
-    makes two runs identical.
-
-    ``num_threads`` sets torch's intra-op threads for this call only (restored afterwards).
-    The course's models are so small that one thread is usually fastest on a busy machine:
-    600 prompts on a teacher-sized model (1.7M parameters) took 37 s with 1 thread but over
-    3x longer with 2 while other jobs shared the 2 cores.
-    """
-    import torch
-
-    if num_threads is not None:
-        saved = torch.get_num_threads()
-        torch.set_num_threads(int(num_threads))
-        try:
-            return generate_for_safety(model, tokenizer, prompts, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens)
-        finally:
-            torch.set_num_threads(saved)
-
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of str, got one str: wrap it in a list")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and "
-                         f"{max_new_tokens}")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat_template: set tokenizer.chat_template (a "
-                         "Jinja string) so prompts are formatted as the model was trained")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither pad_token nor eos_token: set one")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": _check_response(p)}],
-                                           tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    out: list[str] = [""] * len(ids)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                width = max(len(ids[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding
-                    seq = ids[i]
-                    if seq:
-                        input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                        attention[row, width - len(seq):] = 1
-                gen = model.generate(input_ids=input_ids.to(device),
-                                     attention_mask=attention.to(device), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-                new = gen[:, width:].cpu()
-                decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-                for row, i in enumerate(batch):
-                    out[i] = decoded[row].strip()
-    finally:
-        if was_training:
-            model.train()
-    return out
 
 
 # --------------------------------------------------------------------------------------

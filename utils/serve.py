@@ -13,39 +13,53 @@ official ``openai`` client and runs unchanged against vLLM, llama.cpp's server o
 
 ``min_tokens`` (vLLM's extension, sent with ``extra_body={"min_tokens": n}``) keeps the model
 from stopping before n tokens: lesson 04 uses it for long answers to watermark.
+``logit_bias`` (OpenAI's: token id as a string -> bias in [-100, 100], at most 300 entries)
+is added to the logits before greedy choice or sampling, and the logprobs returned are those
+of the biased distribution, as OpenAI's are: with top-k logprobs, the lever of Carlini et al.
+(2024) to read logprobs outside the top-k.
 
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/usage`` (this
-server's own: budget used and left, requests
-seen including rejected ones). Every answer to a valid key carries the headers
-``x-budget-limit``/``x-budget-remaining`` and ``x-ratelimit-*``. Errors use OpenAI's body
-``{"error": {"message", "type", "param", "code"}}`` and status codes: 401 missing or wrong
-key, 400 malformed body or a parameter out of range, 404 unknown model (as OpenAI and vLLM
-do), 429 rate limit (``rate_limit_exceeded``, with ``retry-after-ms``) or budget spent
-(``insufficient_quota``, with ``x-should-retry: false`` so the client does not retry).
+server's own: budget used and left, requests seen including rejected ones). Every route,
+unknown ones included, needs a valid key; there is no schema or docs page. Every answer to a
+valid key carries the headers ``x-budget-limit``/``x-budget-remaining`` and ``x-ratelimit-*``.
+Every error, an unexpected one too, uses OpenAI's body ``{"error": {"message", "type",
+"param", "code"}}`` and status codes: 401 missing or wrong key, 400 malformed body or a
+parameter out of range (``param`` names it), 400 ``context_length_exceeded`` when the prompt
+plus ``max_tokens`` do not fit the model's context (checked before the model runs), 404
+unknown model or URL, 413 body too large, 429 rate limit (``rate_limit_exceeded``, with
+``retry-after-ms``) or budget spent (``insufficient_quota``, with ``x-should-retry: false`` so
+the client does not retry), 500 ``server_error``.
 
 Defences (:class:`Defences`), the knobs a provider has against extraction (Carlini et al.
 2024, Sec. 8; Kirchenbauer et al. 2023): a cap on ``top_logprobs``, no logprobs at all,
 rounding, Gaussian/Laplace noise on the returned logprobs, and a Kirchenbauer watermark on
-the sampled text (transformers' ``WatermarkingConfig`` passed to ``generate``).
+the sampled text (transformers' ``WatermarkingConfig`` passed to ``generate``). The
+defender's view: ``ServerConfig(request_log=True)`` keeps the last requests in memory (key
+redacted, token counts, parameters, status), read with :meth:`ServerHandle.request_log`.
 
 Returned logprobs are the model's own next-token distribution at temperature 1 (vLLM's
-default "raw logprobs"): temperature, top-p and the watermark change which token is sampled,
-not the numbers reported. Token strings are the tokenizer's vocabulary pieces (unique per
-id, so an attacker can map them back with ``convert_tokens_to_ids``), or ``"token_id:N"``
-with ``token_format="id"`` (vLLM's ``--return-tokens-as-token-ids``).
+default "raw logprobs"), plus the request's ``logit_bias``: temperature, top-p, ``min_tokens``
+and the watermark change which token is sampled, not the numbers reported. Token strings are
+the tokenizer's vocabulary pieces (unique per id, so an attacker can map them back with
+``convert_tokens_to_ids``), or ``"token_id:N"`` with ``token_format="id"`` (vLLM's
+``--return-tokens-as-token-ids``).
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
+import logging
 import math
 import secrets
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -53,9 +67,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import LogitsProcessor, LogitsProcessorList
+
+logger = logging.getLogger(__name__)
 
 NoiseKind = Literal["gaussian", "laplace"]
 TokenFormat = Literal["piece", "id"]
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's range for ``seed``
+MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI
+MAX_MESSAGES = 2048  # messages per request: bounds the chat-template work
+DEFAULT_CONTEXT_LENGTH = 2048  # for a model whose config has no max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,10 @@ class ServerConfig:
     ``api_keys`` maps each client's key to its query budget (``None``: unlimited). Only
     successful chat completions are billed. ``rate_limit`` is requests per second per key
     (token bucket holding ``rate_burst`` requests), ``None`` for no limit.
+    ``context_length`` bounds prompt plus completion tokens (``None``: the model's
+    ``max_position_embeddings``); ``max_body_bytes`` bounds a request's body.
+    ``request_log=True`` keeps the last ``request_log_size`` requests in memory for
+    :meth:`ServerHandle.request_log` (the defender's view, lesson 04).
     """
 
     api_keys: Mapping[str, int | None] = field(default_factory=lambda: {"sk-student": 1000})
@@ -112,6 +139,10 @@ class ServerConfig:
     token_format: TokenFormat = "piece"
     defences: Defences = field(default_factory=Defences)
     noise_seed: int = 0  # seeds the defence noise (not the sampling: that is the request's seed)
+    context_length: int | None = None
+    max_body_bytes: int = 1 << 20
+    request_log: bool = False
+    request_log_size: int = 10_000
 
     def __post_init__(self) -> None:
         if not self.api_keys:
@@ -127,6 +158,13 @@ class ServerConfig:
             raise ValueError(f"rate_burst must be >= 1, got {self.rate_burst}")
         if self.token_format not in ("piece", "id"):
             raise ValueError(f"token_format must be 'piece' or 'id', got {self.token_format!r}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2 tokens or None, got "
+                             f"{self.context_length}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.request_log_size < 1:
+            raise ValueError(f"request_log_size must be >= 1, got {self.request_log_size}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,20 +177,24 @@ class _Message(BaseModel):
     content: str
 
 
+_Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]  # OpenAI's range
+
+
 class ChatCompletionRequest(BaseModel):
     """The body of ``POST /v1/chat/completions`` that this server understands."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[_Message] = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension (extra_body)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
+    logit_bias: dict[str, _Bias] | None = None
     n: int = 1
     stream: bool = False
 
@@ -170,6 +212,10 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,7 +284,58 @@ class _Ledger:
 
 
 # ----------------------------------------------------------------------------------------
+# The defender's view: an in-memory, bounded request log
+
+LOG_FIELDS = ("time", "key", "key_id", "method", "path", "status", "code", "latency_ms",
+              "prompt_tokens", "completion_tokens", "max_tokens", "temperature", "seed",
+              "logprobs", "top_logprobs", "logit_bias_size", "prompt_hash")
+
+
+def redact_key(key: str) -> str:
+    """A key as a provider's dashboard shows it: ``sk-...cker`` (never the secret itself)."""
+    if len(key) >= 10:
+        return f"{key[:3]}...{key[-4:]}"
+    return f"{key[:3]}...{key[-2:]}" if len(key) > 6 else "***"
+
+
+def key_id(key: str) -> str:
+    """A short, stable id of a key (8 hex digits of its SHA-256) to group requests by key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+
+
+class _RequestLog:
+    """The last ``size`` requests, one flat dict each (thread-safe, oldest dropped first)."""
+
+    def __init__(self, size: int) -> None:
+        self.entries: deque[dict[str, Any]] = deque(maxlen=size)
+        self.lock = threading.Lock()
+
+    def add(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self.entries.append({f: entry.get(f) for f in LOG_FIELDS})
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(e) for e in self.entries]
+
+
+# ----------------------------------------------------------------------------------------
 # The model behind the API
+
+
+class LogitBiasProcessor(LogitsProcessor):
+    """OpenAI's ``logit_bias`` as a transformers logits processor (lesson 04).
+
+    Adds ``bias`` (a ``(V,)`` vector) to the logits at every step. ``generate`` runs custom
+    processors before temperature, top-p and the watermark, so greedy choice and sampling
+    both see the bias. Out of place: ``output_logits=True`` keeps the raw logits.
+    """
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        self.bias = bias
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        return scores + self.bias.to(device=scores.device, dtype=scores.dtype)  # (B, V)
 
 
 class _Engine:
@@ -249,6 +346,11 @@ class _Engine:
         self.lock = threading.Lock()
         self.noise_rng = np.random.default_rng(config.noise_seed)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        if config.context_length is not None:
+            self.context_length = int(config.context_length)
+        else:
+            positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            self.context_length = int(positions) if positions else DEFAULT_CONTEXT_LENGTH
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat_template: set tokenizer.chat_template "
                              "(a Jinja string) so the server can format messages")
@@ -272,12 +374,49 @@ class _Engine:
             out = np.round(out, d.round_decimals)
         return out
 
-    def complete(self, req: ChatCompletionRequest) -> dict:
+    def encode(self, req: ChatCompletionRequest) -> torch.Tensor:
+        """The prompt's token ids, ``(1, T)``: the chat template applied to the messages."""
         tok = self.tokenizer
         messages = [m.model_dump() for m in req.messages]
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        enc = tok(text, add_special_tokens=False, return_tensors="pt")
-        max_new = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
+        return tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    def completion_tokens(self, req: ChatCompletionRequest, prompt_len: int) -> int:
+        """``max_new_tokens`` for this request, or the 400 ``context_length_exceeded``."""
+        ctx = self.context_length
+        requested = req.max_completion_tokens or req.max_tokens
+        # as OpenAI: without max_tokens only the prompt (and min_tokens) must fit
+        need = requested if requested is not None else max(1, req.min_tokens or 0)
+        if prompt_len + need <= ctx:
+            return requested if requested is not None else min(
+                self.config.default_max_tokens, ctx - prompt_len)
+        head = f"This model's maximum context length is {ctx} tokens. However, "
+        if requested is None and prompt_len >= ctx:
+            message = (f"{head}your messages resulted in {prompt_len} tokens. Please reduce the "
+                       "length of the messages.")
+        else:
+            message = (f"{head}you requested {prompt_len + need} tokens ({prompt_len} in the "
+                       f"messages, {need} in the completion). Please reduce the length of the "
+                       "messages or completion.")
+        raise APIError(400, message, "invalid_request_error", "context_length_exceeded",
+                       "messages")
+
+    def bias_vector(self, logit_bias: Mapping[str, float] | None) -> torch.Tensor | None:
+        """The request's ``logit_bias`` as a dense ``(V,)`` vector (``None`` when empty)."""
+        if not logit_bias:
+            return None
+        bias = torch.zeros(self.vocab_size, dtype=torch.float32)
+        for token, value in logit_bias.items():
+            bias[int(token)] = float(value)
+        return bias
+
+    def complete(self, req: ChatCompletionRequest, input_ids: torch.Tensor | None = None,
+                 max_new: int | None = None) -> dict:
+        tok = self.tokenizer
+        if input_ids is None:
+            input_ids = self.encode(req)
+        if max_new is None:
+            max_new = self.completion_tokens(req, input_ids.shape[1])
         eos = tok.eos_token_id
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new, return_dict_in_generate=True, output_logits=True,
@@ -291,12 +430,16 @@ class _Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.config.defences.watermark is not None:
             kwargs["watermarking_config"] = self.config.defences.watermark
+        bias = self.bias_vector(req.logit_bias)
+        if bias is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([LogitBiasProcessor(bias)])
         device = next(self.model.parameters()).device
         with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(req.seed if req.seed is not None else secrets.randbits(63))
-            out = self.model.generate(input_ids=enc["input_ids"].to(device),
-                                      attention_mask=enc["attention_mask"].to(device), **kwargs)
-        prompt_len = enc["input_ids"].shape[1]
+            out = self.model.generate(input_ids=input_ids.to(device),
+                                      attention_mask=torch.ones_like(input_ids).to(device),
+                                      **kwargs)
+        prompt_len = input_ids.shape[1]
         new_ids = out.sequences[0, prompt_len:].tolist()
         finish = "length"
         if eos is not None and eos in new_ids:
@@ -308,7 +451,11 @@ class _Engine:
             k = req.top_logprobs or 0
             entries = []
             for i, tid in enumerate(new_ids):
-                lp = torch.log_softmax(out.logits[i][0].float(), dim=-1)  # (V,)
+                # out.logits are the raw logits (before any processor): add the bias by hand
+                logits = out.logits[i][0].float()  # (V,)
+                if bias is not None:
+                    logits = logits + bias.to(logits.device)
+                lp = torch.log_softmax(logits, dim=-1)  # (V,)
                 top = torch.topk(lp, k).indices.tolist() if k > 0 else []
                 ids = [tid, *top]
                 vals = self._defend(lp[ids].cpu().numpy())
@@ -336,6 +483,117 @@ class _Engine:
 
 
 # ----------------------------------------------------------------------------------------
+# The gateway in front of every route: key, body size, request log, JSON errors
+
+
+def _authenticate(scope: Mapping[str, Any], config: ServerConfig) -> str:
+    """The request's API key, or the 401 OpenAI answers."""
+    header = ""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"authorization":
+            header = value.decode("latin-1")
+            break
+    if not header:
+        raise APIError(401, "You didn't provide an API key. Send it in the Authorization "
+                            "header as 'Bearer YOUR_KEY'.", "invalid_request_error",
+                       "missing_api_key")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or key not in config.api_keys:
+        shown = (key[:3] + "..." + key[-2:]) if len(key) > 6 else "***"
+        raise APIError(401, f"Incorrect API key provided: {shown}.",
+                       "invalid_request_error", "invalid_api_key")
+    return key
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"Request body too large: {size} bytes. This server accepts at most "
+                         f"{limit} bytes.", "invalid_request_error", "request_too_large")
+
+
+class _Gateway:
+    """ASGI middleware before routing: every route needs a key, bodies are bounded, every
+    failure (an unexpected exception too) is OpenAI's JSON error, and requests are logged."""
+
+    def __init__(self, app, *, config: ServerConfig, log: _RequestLog | None) -> None:
+        self.app, self.config, self.log = app, config, log
+
+    def _bounded(self, scope: Mapping[str, Any], receive):
+        limit = self.config.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise APIError(400, "Invalid Content-Length header.",
+                                   "invalid_request_error", "invalid_request") from None
+                if declared > limit:
+                    raise _too_large(declared, limit)
+        seen = 0
+
+        async def bounded_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # a chunked body without Content-Length
+                    raise _too_large(seen, limit)
+            return message
+
+        return bounded_receive
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, wall = time.monotonic(), time.time()
+        note: dict[str, Any] = {}  # the route adds token counts and parameters
+        state = scope.setdefault("state", {})
+        state["log"] = note
+        status = 0
+        key: str | None = None
+        logged = False
+
+        def record() -> None:
+            nonlocal logged
+            if self.log is not None and not logged:
+                logged = True
+                self.log.add({**note, "time": wall, "method": scope.get("method"),
+                              "path": scope.get("path"), "status": status or 500,
+                              "latency_ms": round((time.monotonic() - start) * 1000, 2),
+                              "key": None if key is None else redact_key(key),
+                              "key_id": None if key is None else key_id(key)})
+
+        async def watched_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                record()  # before the client can read the answer and then the log
+            await send(message)
+
+        try:
+            key = _authenticate(scope, self.config)
+            state["key"] = key
+            await self.app(scope, self._bounded(scope, receive), watched_send)
+        except APIError as err:
+            if status:  # pragma: no cover - the answer has started: nothing to fix
+                raise
+            note["code"] = err.code
+            await _error_response(err)(scope, receive, watched_send)
+        except Exception as exc:  # noqa: BLE001 - every failure gets a JSON answer
+            if status:  # pragma: no cover
+                raise
+            logger.error("teacher API: unexpected error on %s %s", scope.get("method"),
+                         scope.get("path"), exc_info=exc)
+            note["code"] = "server_error"
+            err = APIError(500, "The server had an error while processing your request "
+                                f"({type(exc).__name__}). Sorry about that!", "server_error")
+            await _error_response(err)(scope, receive, watched_send)
+        finally:
+            record()  # no answer was sent (the client went away): log it anyway
+
+
+# ----------------------------------------------------------------------------------------
 # The FastAPI app
 
 
@@ -350,45 +608,36 @@ def create_app(model, tokenizer, config: ServerConfig | None = None):
     config = config or ServerConfig()
     engine = _Engine(model, tokenizer, config)
     ledger = _Ledger(config)
-    app = FastAPI(title="Distill & Deploy teacher API", docs_url=None, redoc_url=None)
+    log = _RequestLog(config.request_log_size) if config.request_log else None
+    # no /docs, /redoc or /openapi.json: a provider does not publish its schema unauthenticated
+    app = FastAPI(title="Distill & Deploy teacher API", docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.ledger = ledger
-
-    def error_response(err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    def authenticate(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        if not header:
-            raise APIError(401, "You didn't provide an API key. Send it in the Authorization "
-                                "header as 'Bearer YOUR_KEY'.", "invalid_request_error",
-                           "missing_api_key")
-        scheme, _, key = header.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or key not in config.api_keys:
-            shown = (key[:3] + "..." + key[-2:]) if len(key) > 6 else "***"
-            raise APIError(401, f"Incorrect API key provided: {shown}.",
-                           "invalid_request_error", "invalid_api_key")
-        return key
+    app.state.request_log = log
+    app.state.context_length = engine.context_length
+    app.add_middleware(_Gateway, config=config, log=log)
+    bad = "invalid_request_error"
 
     def check_model(name: str) -> None:
         if name != config.model_name:
             raise APIError(404, f"The model `{name}` does not exist or you do not have access "
                                 f"to it. This server serves `{config.model_name}`.",
-                           "invalid_request_error", "model_not_found", "model")
+                           bad, "model_not_found", "model")
 
     def validate(req: ChatCompletionRequest) -> None:
         d = config.defences
-        bad = "invalid_request_error"
         if req.n != 1:
-            raise APIError(400, "Only n=1 is supported.", bad, "invalid_value", "n")
+            raise APIError(400, f"Only n=1 is supported (got n={req.n}): send one request per "
+                                "completion.", bad, "invalid_value", "n")
         if req.stream:
             raise APIError(400, "stream=true is not supported by this server.", bad,
                            "invalid_value", "stream")
         max_new = req.max_completion_tokens or req.max_tokens or config.default_max_tokens
         if max_new > config.max_tokens_limit:
-            raise APIError(400, f"max_tokens is too large: {max_new}. This model supports at "
+            which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{which} is too large: {max_new}. This model supports at "
                                 f"most {config.max_tokens_limit} completion tokens.", bad,
-                           "invalid_value", "max_tokens")
+                           "invalid_value", which)
         if req.min_tokens is not None and req.min_tokens > max_new:
             raise APIError(400, f"min_tokens ({req.min_tokens}) must be at most max_tokens "
                                 f"({max_new}).", bad, "invalid_value", "min_tokens")
@@ -404,54 +653,91 @@ def create_app(model, tokenizer, config: ServerConfig | None = None):
             if req.top_logprobs > cap:
                 raise APIError(400, f"top_logprobs must be at most {cap}, got "
                                     f"{req.top_logprobs}.", bad, "invalid_value", "top_logprobs")
+        if req.logit_bias:
+            if len(req.logit_bias) > MAX_LOGIT_BIAS:
+                raise APIError(400, f"logit_bias has {len(req.logit_bias)} entries: at most "
+                                    f"{MAX_LOGIT_BIAS} are allowed.", bad, "invalid_value",
+                               "logit_bias")
+            for token in req.logit_bias:
+                # canonical non-negative integers only ("7", not "07", "+7" or "7.0")
+                ok = (0 < len(token) <= 12 and token.isascii() and token.isdigit()
+                      and str(int(token)) == token)
+                if not ok or int(token) >= engine.vocab_size:
+                    raise APIError(400, f"Invalid key in 'logit_bias': {token[:20]!r}. Keys are "
+                                        f"token ids from 0 to {engine.vocab_size - 1}, written "
+                                        "as strings, e.g. '42'.", bad, "invalid_value",
+                                   "logit_bias")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+        request.state.log["code"] = exc.code
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"Invalid URL ({where})"
+        elif exc.status_code == 405:
+            message = f"Method not allowed ({where})"
+        else:  # pragma: no cover - no route raises other HTTP errors
+            message = f"{exc.detail} ({where})"
+        return _error_response(APIError(exc.status_code, message, bad))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> JSONResponse:
-        key = authenticate(request)
+        key = request.state.key  # authenticated by the gateway
+        note = request.state.log
         with ledger.lock:
             ledger.requests[key] += 1
+        raw = await request.body()  # bounded by the gateway (413)
         try:
-            data = await request.json()
+            data = json.loads(raw)
         except Exception:  # noqa: BLE001 - any undecodable body is the client's error
             raise APIError(400, "We could not parse the JSON body of your request.",
-                           "invalid_request_error", "invalid_json") from None
+                           bad, "invalid_json") from None
         if not isinstance(data, dict):
-            raise APIError(400, "The request body must be a JSON object.",
-                           "invalid_request_error", "invalid_json")
+            raise APIError(400, "The request body must be a JSON object.", bad, "invalid_json")
         try:
             req = ChatCompletionRequest.model_validate(data)
         except ValidationError as exc:
             message, param = _validation_message(exc)
-            raise APIError(400, message, "invalid_request_error", "invalid_value",
-                           param) from None
+            raise APIError(400, message, bad, "invalid_value", param) from None
+        note.update(max_tokens=req.max_completion_tokens or req.max_tokens,
+                    temperature=req.temperature, seed=req.seed, logprobs=req.logprobs,
+                    top_logprobs=req.top_logprobs, logit_bias_size=len(req.logit_bias or {}))
         check_model(req.model)
         validate(req)
+        # tokenize off the event loop, then check the context length before the model runs
+        input_ids = await run_in_threadpool(engine.encode, req)  # (1, T)
+        prompt_len = int(input_ids.shape[1])
+        note.update(prompt_tokens=prompt_len, prompt_hash=hashlib.sha256(
+            input_ids.numpy().tobytes()).hexdigest()[:8])
+        max_new = engine.completion_tokens(req, prompt_len)
         ledger.admit(key)
         billed = False
         try:
-            body = await run_in_threadpool(engine.complete, req)
+            body = await run_in_threadpool(engine.complete, req, input_ids, max_new)
             billed = True
         finally:
             ledger.settle(key, billed)
+        note["completion_tokens"] = body["usage"]["completion_tokens"]
         return JSONResponse(body, headers=ledger.headers(key))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
-        key = authenticate(request)
+        key = request.state.key
         return JSONResponse({"object": "list", "data": [
             {"id": config.model_name, "object": "model", "created": 0,
              "owned_by": "distill-and-deploy"}]}, headers=ledger.headers(key))
 
     @app.get("/v1/usage")
     async def usage(request: Request) -> JSONResponse:
-        key = authenticate(request)
+        key = request.state.key
         return JSONResponse({"object": "usage", "budget": config.api_keys[key],
                              "used": ledger.used[key], "remaining": ledger.remaining(key),
-                             "requests": ledger.requests[key], "rate_limit": config.rate_limit}, headers=ledger.headers(key))
+                             "requests": ledger.requests[key], "rate_limit": config.rate_limit},
+                            headers=ledger.headers(key))
 
     return app
 
@@ -474,6 +760,7 @@ class ServerHandle:
     _server: Any
     _thread: threading.Thread
     _socket: socket.socket
+    _app: Any = None
 
     @property
     def base_url(self) -> str:
@@ -484,8 +771,28 @@ class ServerHandle:
         return self.config.model_name
 
     @property
+    def context_length(self) -> int:
+        """Most prompt plus completion tokens a request may use."""
+        return self._app.state.context_length
+
+    @property
     def running(self) -> bool:
         return self._thread.is_alive()
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """The logged requests, oldest first: one flat dict each (``pd.DataFrame``-ready).
+
+        Fields: ``time`` (Unix seconds), ``key`` (redacted) and ``key_id`` (a short hash),
+        ``method``, ``path``, ``status``, ``code`` (the error code, if any), ``latency_ms``,
+        and for chat completions ``prompt_tokens``, ``completion_tokens``, ``max_tokens``,
+        ``temperature``, ``seed``, ``logprobs``, ``top_logprobs``, ``logit_bias_size`` and
+        ``prompt_hash`` (the same prompt sent twice has the same hash). Readable after stop().
+        """
+        log = getattr(self._app.state, "request_log", None) if self._app is not None else None
+        if log is None:
+            raise RuntimeError("the request log is off: start the server with "
+                               "ServerConfig(..., request_log=True)")
+        return log.snapshot()
 
     def client(self, api_key: str | None = None, **kwargs: Any):
         """An ``openai.OpenAI`` client for this server (the first key by default)."""
@@ -560,7 +867,7 @@ def start_server(model, tokenizer, config: ServerConfig | None = None, *,
             raise RuntimeError(f"the API server did not start within {timeout:.0f}s on port "
                                f"{bound_port}")
         time.sleep(0.01)
-    handle = ServerHandle(host, bound_port, config, server, thread, sock)
+    handle = ServerHandle(host, bound_port, config, server, thread, sock, app)
     _LIVE.add(handle)
     return handle
 

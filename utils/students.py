@@ -1,6 +1,6 @@
 """Shipping trained students: lesson 03's recipes on a budget too long for a notebook.
 
-A shipped student is a cache entry of :func:`utils.distill.distill_recipe` copied to
+A shipped student is a cache entry of :func:`utils.recipes.distill_recipe` copied to
 ``data/models/students/<name>/`` (:func:`utils.models.students_dir`) with
 
 - ``model_card.json`` / ``model_card.md``: greedy exact match per skill and refusal rates on
@@ -38,6 +38,9 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{x:.1%}"  # None or NaN (an empty group)
 
 
+_RECIPE_LESSON = {"distill_recipe": "lesson 03", "blackbox_recipe": "lesson 04"}
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """A short human-readable card beside ``model_card.json``."""
     em, safety = card["metrics"]["exact_match"], card["metrics"]["safety"]
@@ -45,7 +48,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = [f"# Shipped student `{card['name']}` ({card['parameters']:,} parameters, "
              f"{card['times_smaller']:.1f}x smaller than the teacher)", "",
              f"{card['description']}. Built by `{card['provenance']['command']}` "
-             "(lesson 03's recipe, `utils.distill.distill_recipe`); every number below was measured "
+             f"({_RECIPE_LESSON.get(card.get('recipe_function'), 'lesson 03')}'s recipe, "
+             f"`utils.recipes.{card.get('recipe_function', 'distill_recipe')}`); every number "
+             "below was measured "
              f"by that command on the **test split** ({card['metrics']['n_records']} records, greedy "
              "decoding; every response is in `test_responses.jsonl`) and is re-checked by "
              "`tests/test_students.py`.", "",
@@ -69,8 +74,10 @@ def card_markdown(card: dict[str, Any]) -> str:
               f"- {card['steps']} steps x batch {s['batch_size']}, lr {s['lr']}, seed {card['seed']}, "
               f"training data: {card['transfer']}; train time {card['train_seconds']:.0f} s "
               f"({s.get('torch_threads', '?')} thread(s))",
-              "- distilled from the teacher with weights sha256 "
-              f"{str(card['teacher_sha256'])[:16]}..." if card["teacher_sha256"]
+              ("- distilled through the teacher's API (prompts only) from the teacher with "
+               "weights sha256 " if card.get("recipe_function") == "blackbox_recipe"
+               else "- distilled from the teacher with weights sha256 ")
+              + f"{str(card['teacher_sha256'])[:16]}..." if card["teacher_sha256"]
               else "- trained on the data alone (no teacher)",
               f"- date {card['provenance']['date']}, git commit {card['provenance']['git_commit']}, "
               f"{card['provenance'].get('cpu', card['provenance'].get('machine', ''))}"]
@@ -87,20 +94,13 @@ def ship_recipe(recipe: Any, name: str, *, provenance: dict[str, Any], grid: dic
     from utils.data import load_world
     from utils.evaluate import evaluate_world
     from utils.io import replace_dir
-    from utils.models import (
-        count_parameters,
-        entry_dir,
-        load_model,
-        read_manifest,
-        students_dir,
-        teacher_card,
-        verify_entry,
-    )
+    from utils.model_cache import entry_dir, read_manifest, verify_folder
+    from utils.models import count_parameters, load_model, students_dir, teacher_card
 
     torch.set_num_threads(threads)
-    model, tokenizer = load_model(recipe.name, builder=recipe, progress=False, verbose=False)
+    model, tokenizer = load_model(recipe, progress=False, verbose=False)
     source = entry_dir(recipe)
-    problem = verify_entry(source)
+    problem = verify_folder(source)
     if problem is not None:  # pragma: no cover - load_model just verified or built it
         raise RuntimeError(f"cannot ship {recipe.name}: its cache entry {source} is {problem}")
     test = load_world("test")
@@ -111,10 +111,11 @@ def ship_recipe(recipe: Any, name: str, *, provenance: dict[str, Any], grid: dic
     teacher = teacher_card()
     params = count_parameters(model)
     card = {
-        "name": name, "size": recipe.config if isinstance(recipe.config, str) else None,
+        "name": name, "size": recipe.size,
         "method": info.get("method"), "transfer": info.get("transfer", "all"),
         "seed": info.get("seed"), "steps": info["steps"],
         "description": recipe.description, "recipe": recipe.name, "cache_key": recipe.key(),
+        "recipe_function": "blackbox_recipe" if "granularity" in info else "distill_recipe",
         "parameters": params, "teacher_parameters": teacher["parameters"],
         "times_smaller": teacher["parameters"] / params,
         "train_seconds": info["train_seconds"],
@@ -151,8 +152,8 @@ def ship_recipe(recipe: Any, name: str, *, provenance: dict[str, Any], grid: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.distill import DISTILL_DEFAULTS, METHODS, TRANSFERS, distill_recipe
-    from utils.noise import silence_library_noise
+    from utils.quiet import silence_library_noise
+    from utils.recipes import DISTILL_DEFAULTS, METHODS, TRANSFERS, distill_recipe
     from utils.results import provenance
 
     p = argparse.ArgumentParser(prog="python -m utils.students", description=__doc__.splitlines()[0])

@@ -159,6 +159,20 @@ def quiet_progress(trainer, progress: bool) -> None:
         trainer.add_callback(_QuietProgress)
 
 
+def run_trainer(trainer: Any, *, progress: bool) -> TrainResult:
+    """Run ``trainer.train()`` (quiet logs, a bar when ``progress``), time it, leave the model in
+    eval mode and return the :class:`TrainResult`: the one tail of every course Trainer
+    (``train_lm``, lesson 03's ``distill_lm``, lesson 04's top-k distillation)."""
+    quiet_progress(trainer, progress)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.model.eval()
+    return TrainResult(log_history=list(trainer.state.log_history), train_seconds=seconds,
+                       steps=trainer.state.global_step,
+                       tokens_seen=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0))
+
+
 def bar_callback(progress: Any, total: int):
     """A ``TrainerCallback`` that advances a recipe's tqdm bar one step per optimizer step.
 
@@ -211,11 +225,5 @@ def train_lm(model, tokenizer, train_ds, eval_ds=None, *, max_steps: int, batch_
         trainer = Trainer(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
                           data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                           callbacks=callbacks)
-        quiet_progress(trainer, progress)
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-    model.eval()
-    return TrainResult(log_history=list(trainer.state.log_history), train_seconds=seconds,
-                       steps=trainer.state.global_step,
-                       tokens_seen=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0))
+        result = run_trainer(trainer, progress=progress)
+    return result

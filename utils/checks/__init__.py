@@ -14,14 +14,24 @@ Writing a check::
             expect_close(fn(2), 4, "double(2)")
             expect(fn(-1) == -2, "double(-1) should be -2: did you take abs()?")
         return run_check("0.1", "double", fn, cases)
+
+The checks signal each other with :class:`CheckSignal` subclasses (a fake client telling the
+check that the learner's loop kept calling, the wall-clock limit of :func:`run_check`). They
+derive from ``BaseException``, like ``KeyboardInterrupt``, so a learner's ``except Exception:
+continue`` cannot swallow them; :func:`run_check` catches them and reports their message.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,8 +46,42 @@ _RESULTS: dict[str, CheckResult] = {}
 _RESULTS_BY_FUNCTION: dict[int, tuple[Callable[..., Any], CheckResult]] = {}
 
 
+# Wall-clock limit of one check, in seconds (the learner's function included). The
+# environment variable overrides it ("0", "off" or "none": no limit); so does run_check's
+# ``time_limit``.
+DEFAULT_TIME_LIMIT = 120.0
+TIME_LIMIT_ENV = "DD_CHECK_TIME_LIMIT"
+# After the limit, the stop signal is raised again every this many seconds, so a loop that
+# swallows one (a bare ``except:`` around a retry) is stopped once a repeat lands outside
+# its ``try`` (in practice within a few repeats; the tests measure it).
+_REPEAT_STOP = 0.1
+
+
 class CheckFailed(AssertionError):
     """Raised inside a check when the learner's answer is wrong; the message is the hint."""
+
+
+class CheckSignal(BaseException):
+    """Base of the checks' internal control-flow signals, reported by :func:`run_check`.
+
+    Raised *inside* the learner's code (by a fake client, by the time limit) to stop it. A
+    ``BaseException``, like ``KeyboardInterrupt``, so ``except Exception`` in the learner's
+    code cannot swallow it. ``status`` and ``message`` become the check's result.
+    """
+
+    status: Status = "error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class CheckTimeout(CheckSignal):
+    """The check ran longer than its wall-clock limit (see :func:`run_check`)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"took over {seconds:g} s")
+        self.seconds = seconds
 
 
 @dataclass(frozen=True)
@@ -132,13 +176,93 @@ def _learner_frame(exc: BaseException) -> str:
     return f" (at line {f.lineno}{line})"
 
 
+def resolve_time_limit(time_limit: float | None = None) -> float | None:
+    """The wall-clock limit, in seconds, a check runs under (``None``: no limit).
+
+    ``time_limit`` when given (``0`` or ``math.inf``: no limit), else the
+    ``DD_CHECK_TIME_LIMIT`` environment variable (seconds, or ``off``), else
+    :data:`DEFAULT_TIME_LIMIT`. An unreadable environment value falls back to the default.
+    """
+    if time_limit is None:
+        raw = os.environ.get(TIME_LIMIT_ENV, "").strip().lower()
+        if raw in ("off", "none"):
+            return None
+        try:
+            time_limit = float(raw) if raw else DEFAULT_TIME_LIMIT
+        except ValueError:
+            time_limit = DEFAULT_TIME_LIMIT
+    time_limit = float(time_limit)
+    if not math.isfinite(time_limit) or time_limit <= 0:
+        return None
+    return time_limit
+
+
+def _can_time_limit() -> bool:
+    """SIGALRM timers exist (not on Windows) and we are in the main thread (as in Jupyter)."""
+    return (hasattr(signal, "setitimer")
+            and threading.current_thread() is threading.main_thread())
+
+
+@contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`CheckTimeout` in the main thread once ``seconds`` have passed.
+
+    A ``signal.ITIMER_REAL`` timer whose handler raises; the previous handler and timer are
+    restored afterwards. Without SIGALRM (Windows), outside the main thread, under a
+    handler installed from C (which could not be restored) or under an earlier alarm that
+    fires first, the block runs without a limit. Code stuck inside one long C call (a huge
+    tensor operation) is stopped when that call returns.
+    """
+    if seconds is None or not _can_time_limit():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGALRM)
+    prev_delay, prev_interval = signal.getitimer(signal.ITIMER_REAL)
+    if previous is None or 0 < prev_delay <= seconds:
+        yield
+        return
+    state = {"armed": True}
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        if state["armed"]:
+            raise CheckTimeout(seconds)
+
+    start = time.monotonic()
+    signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        # Fires at the limit, then every _REPEAT_STOP s until the block is left.
+        signal.setitimer(signal.ITIMER_REAL, seconds, _REPEAT_STOP)
+        yield
+    finally:
+        state["armed"] = False  # first, before any call: a late alarm is now a no-op
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if prev_delay > 0:  # an outer timer (e.g. a test runner's): give back its rest
+            left = prev_delay - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), prev_interval)
+
+
+def _timeout_message(exc: CheckTimeout) -> str:
+    return (f"took over {exc.seconds:g} s, so the check stopped your function"
+            f"{_learner_frame(exc)}. Look for a loop that never ends: a `while` whose "
+            "condition never turns false, or a retry with no limit. If it is only slow, "
+            f"allow more time: os.environ[\"{TIME_LIMIT_ENV}\"] = \"600\".")
+
+
 def run_check(exercise: str, name: str, fn: Callable[..., Any],
               cases: Callable[[Callable[..., Any]], None], *, quiet: bool = False,
-              success: str = "all checks passed.") -> CheckResult:
+              success: str = "all checks passed.",
+              time_limit: float | None = None) -> CheckResult:
     """Run ``cases(fn)`` and turn every outcome into a message for the learner.
 
     - ``NotImplementedError``: the exercise is not done yet (status ``not_done``);
     - :class:`CheckFailed`: a wrong answer, with the hint the check wrote (``failed``);
+    - :class:`CheckTimeout`: the check ran over its wall-clock limit, e.g. an endless loop
+      (``error``, "took over N s", with where it was stopped). ``time_limit`` in seconds
+      overrides :func:`resolve_time_limit`'s default (120 s or ``DD_CHECK_TIME_LIMIT``).
+      The limit needs SIGALRM and the main thread (Jupyter on Linux/macOS); elsewhere (Windows,
+      a worker thread) the check runs without one;
+    - another :class:`CheckSignal`: its status and message;
     - any other exception: the learner's code crashed; we name it and where (``error``).
     The kernel never sees an exception from here. The result is printed unless ``quiet``.
     """
@@ -148,13 +272,20 @@ def run_check(exercise: str, name: str, fn: Callable[..., Any],
                              f"itself, e.g. check(...)({name}) without calling it.")
     else:
         try:
-            cases(fn)
+            with _time_limit(resolve_time_limit(time_limit)):
+                cases(fn)
         except NotImplementedError:
             result = CheckResult(exercise, name, "not_done",
                                  "not done yet. Fill in the function above; the lesson carries "
                                  "on with the reference implementation meanwhile.")
         except CheckFailed as exc:
             result = CheckResult(exercise, name, "failed", str(exc))
+        except CheckTimeout as exc:
+            result = CheckResult(exercise, name, "error", _timeout_message(exc))
+        except CheckSignal as exc:
+            result = CheckResult(exercise, name, exc.status,
+                                 exc.message or f"the check was stopped ({type(exc).__name__})"
+                                 f"{_learner_frame(exc)}")
         except Exception as exc:  # noqa: BLE001 - a learner's bug must not kill the kernel
             result = CheckResult(exercise, name, "error",
                                  f"your function raised {type(exc).__name__}: {exc}"

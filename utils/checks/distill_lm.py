@@ -270,7 +270,8 @@ def _compute_loss_mistakes(s: Tensor, t: Tensor, labels: Tensor, T: float,
         "It looks like you summed over the tokens: both terms are means over the labelled "
         "tokens.": mix(*parts(sh_s, sh_t, sh_y, reduce="sum")),
         "It looks like the KL direction is swapped: the distillation term of this exercise is "
-        "the forward KL(p_teacher || q_student).": mix(parts(sh_s, sh_t, sh_y, reverse=True)[0], ce),
+        "the forward KL(p_teacher || q_student).":
+            mix(parts(sh_s, sh_t, sh_y, reverse=True)[0], ce),
     }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.checks import CheckFailed, CheckResult, expect, run_check
+from utils.checks import CheckFailed, CheckResult, CheckSignal, expect, run_check
 
 __all__ = ["FakeTeacherClient", "check_harvest", "check_hidden_size_estimate",
            "check_watermark_z"]
@@ -33,8 +33,19 @@ __all__ = ["FakeTeacherClient", "check_harvest", "check_hidden_size_estimate",
 # --------------------------------------------------------------------------------------
 
 
-class _KeptCalling(Exception):
-    """Raised by the fake client when the harvest keeps calling after the quota is spent."""
+class _KeptCalling(CheckSignal):
+    """Raised by the fake client when the harvest keeps calling after the quota is spent.
+
+    A :class:`~utils.checks.CheckSignal` (a ``BaseException``): a harvest loop that writes
+    ``except Exception: continue`` must not swallow it and call forever.
+    """
+
+    status = "failed"
+
+    def __init__(self, calls: int = 0) -> None:
+        super().__init__(f"after the quota was spent (429 with code 'insufficient_quota') your "
+                         f"loop kept calling ({calls} calls). A quota error is final: stop and "
+                         "return the records you have.")
 
 
 class FakeTeacherClient:
@@ -45,8 +56,9 @@ class FakeTeacherClient:
     (``rate_limit_exceeded``, ``retry-after-ms: 1``), not billed.
     """
 
-    def __init__(self, *, quota: int | None = None, rate_limited_calls: frozenset[int] = frozenset(),
-                 model: str = "dd-teacher", max_calls_after_quota: int = 5) -> None:
+    def __init__(self, *, quota: int | None = None,
+                 rate_limited_calls: frozenset[int] = frozenset(), model: str = "dd-teacher",
+                 max_calls_after_quota: int = 5) -> None:
         self.quota = quota
         self.rate_limited_calls = set(rate_limited_calls)
         self.model = model
@@ -93,7 +105,7 @@ class FakeTeacherClient:
         if self.quota is not None and self.billed >= self.quota:
             self.calls_after_quota += 1
             if self.calls_after_quota > self.max_calls_after_quota:
-                raise _KeptCalling()
+                raise _KeptCalling(self.calls)
             raise self._error("insufficient_quota", "You exceeded your current quota.",
                               {"x-should-retry": "false"})
         if self.calls in self.rate_limited_calls:

@@ -28,7 +28,8 @@ IGNORE_INDEX = -100
 # ------------------------------------------------------------------------------ 2.1 mask_labels
 
 
-def _expected_labels(input_ids: torch.Tensor, mask: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _expected_labels(input_ids: torch.Tensor, mask: torch.Tensor,
+                     ignore_index: int) -> torch.Tensor:
     return torch.where(mask.bool(), input_ids, torch.full_like(input_ids, ignore_index))
 
 
@@ -71,7 +72,8 @@ def _mask_labels_cases(fn: Callable[..., Any]) -> None:
     elif torch.equal(labels, _expected_labels(input_ids, mask, 0)):
         raise CheckFailed("masked positions must be -100 (ignore_index), not 0: 0 is a real "
                              "token id and cross-entropy would train on it.")
-    elif torch.equal(labels[:, :-1], expected[:, 1:]) or torch.equal(labels[:, 1:], expected[:, :-1]):
+    elif (torch.equal(labels[:, :-1], expected[:, 1:])
+          or torch.equal(labels[:, 1:], expected[:, :-1])):
         raise CheckFailed("your labels are shifted by one position. Do not shift here: the "
                              "model shifts inside its loss (logits at t are scored against "
                              "labels at t+1).")
@@ -80,7 +82,8 @@ def _mask_labels_cases(fn: Callable[..., Any]) -> None:
                              "positions are not -100.")
     else:
         raise CheckFailed("labels differ from input_ids-where-assistant-else--100. Expected "
-                             f"{expected[0].tolist()} for the first chat, got {labels[0].tolist()}.")
+                             f"{expected[0].tolist()} for the first chat, got "
+                             f"{labels[0].tolist()}.")
 
     bool_labels = _as_long_tensor(fn(input_ids, mask.bool()), "with a bool mask")
     expect(torch.equal(bool_labels.long(), expected),
@@ -294,7 +297,8 @@ def _greedy_cases(fn: Callable[..., Any]) -> None:
             logits = model(prompt).logits  # (1, T, V)
         first = got[0, T].item()
         if first == logits[0, 0].argmax().item():
-            hint = "use the logits of the LAST position, logits[:, -1, :]: they predict the next token."
+            hint = ("use the logits of the LAST position, logits[:, -1, :]: they predict the "
+                    "next token.")
         elif first == logits[0].argmax(0)[-1].item():
             hint = "argmax over the vocabulary (the last axis, dim=-1), not over positions."
         else:
