@@ -173,8 +173,9 @@ class _FakeTopKAPI:
     rounding defence."""
 
     def __init__(self, logits, tokenizer, decimals=None):
-        import numpy as np
         from types import SimpleNamespace as NS
+
+        import numpy as np
 
         self.np, self.NS = np, NS
         self.logits, self.tok, self.decimals, self.calls = np.asarray(logits), tokenizer, decimals, 0
