@@ -193,6 +193,7 @@ def build(preset: str, out: Path, *, steps: int | None, eval_split: str, eval_li
 
 def _write_atomically(out: Path, model, tok, card: dict, rows: list[dict]) -> None:
     from utils.io import atomic_write_json, atomic_write_text, replace_dir
+    from utils.model_cache import CACHE_FORMAT_VERSION, write_manifest
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -200,6 +201,12 @@ def _write_atomically(out: Path, model, tok, card: dict, rows: list[dict]) -> No
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
+        # the sha256 of every file load_model reads, verified at every load (utils.models)
+        write_manifest(tmp, {"format": CACHE_FORMAT_VERSION, "name": card["name"],
+                             "description": "the shipped teacher (make teacher)",
+                             "parameters": card["parameters"],
+                             "build_seconds": card["build_seconds"], "created": card["date"],
+                             "command": card["command"], "git_commit": card["git_commit"]})
         atomic_write_json(tmp / "model_card.json", card)
         atomic_write_text(tmp / "model_card.md", model_card_markdown(card))
         atomic_write_text(tmp / "test_responses.jsonl",

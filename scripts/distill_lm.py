@@ -12,9 +12,9 @@ toy chat set; it needs no files and is what the tests use. The student is a fres
 ``--student-size`` (``tiny``, ``small`` or a zoo size such as ``student-xs``) with the
 teacher's vocabulary.
 
-The work is :func:`utils.distill_trainer.distill_lm`, a ``transformers.Trainer``: under ``torchrun`` or
-``accelerate launch`` every process builds the same teacher and student (same seed), the
-Trainer shards the batches and averages the gradients (DDP; gloo on CPU, NCCL on GPUs).
+The work is :func:`utils.distill_trainer.distill_lm`, a ``transformers.Trainer``: under
+``torchrun`` or ``accelerate launch`` every process builds the same teacher and student (same
+seed), the Trainer shards the batches and averages the gradients (DDP; gloo on CPU, NCCL on GPUs).
 ``--batch-size`` is per process. Every process writes ``<out>/rank<r>.json`` (its own first
 and last losses, world size, device); process 0 also writes ``summary.json`` with the
 Trainer's log history and, with ``--save``, the student in ``<out>/student/``.
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     losses = [s["loss"] for s in result.step_log]
     k = max(1, min(3, len(losses) // 4))
-    vocab_sha = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    vocab_sha = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items()))
+                               .encode()).hexdigest()
     record = {
         "rank": rank, "world_size": world, "device": str(next(student.parameters()).device),
         "backend": (torch.distributed.get_backend() if torch.distributed.is_available()
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out / f"rank{rank}.json", record)
     if rank == 0:
         atomic_write_json(out / "summary.json", {
-            "command": " ".join(sys.argv), "world_size": world, "train_seconds": result.train_seconds,
+            "command": " ".join(sys.argv), "world_size": world,
+            "train_seconds": result.train_seconds,
             "final_eval_loss": result.final_eval_loss, "log_history": result.log_history})
         if args.save:
             student.save_pretrained(out / "student")

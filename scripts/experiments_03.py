@@ -2,7 +2,8 @@
 
     python scripts/experiments_03.py                       # the full grid -> results/03_grid.json
     python scripts/experiments_03.py --quick --out /tmp/g.json   # a few steps, for a test
-    make students   # the long budget: --steps 3000 --sizes student-xs --methods sft forward_kl --ship
+    make students   # the long budget:
+                    # --steps 3000 --sizes student-xs --methods sft forward_kl --ship
 
 Every student is built by :func:`utils.recipes.distill_recipe` (so the notebook's live student
 and lesson 07 load the very same cache entries) with the recipe's defaults except ``--steps``
@@ -51,9 +52,11 @@ SCORE = ("teacher-forced greedy exact match: the argmax reproduces every token o
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/experiments_03.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="scripts/experiments_03.py",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "results" / "03_grid.json"), help="JSON to write")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (default {DEFAULT_STEPS})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     p.add_argument("--n-eval", type=int, default=None, help="test prompts scored (default 200)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -67,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ship", action="store_true",
                    help="copy each configuration's first-seed student to data/models/students/")
     p.add_argument("--ship-dir", default=None,
-                   help="where --ship writes (default data/models/students/; tests use a temp folder)")
+                   help="where --ship writes (default data/models/students/; "
+                        "tests use a temp folder)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 3 steps, seeds 0 1, 20 prompts (the numbers mean nothing)")
     args = p.parse_args(argv)
@@ -99,7 +103,8 @@ def run_one(size: str, method: str, seed: int, steps: int, n_eval: int, threads:
     scored = teacher_forced_exact_match(model, tokenizer, eval_subset(n_eval))
     return {"size": size, "method": method, "seed": seed, "steps": info["steps"],
             "student_params": count_parameters(model), "score": scored["score"],
-            "token_accuracy": scored["token_accuracy"], "perplexity": scored["perplexity"], "train_seconds": info["train_seconds"],
+            "token_accuracy": scored["token_accuracy"], "perplexity": scored["perplexity"],
+            "train_seconds": info["train_seconds"],
             "train_threads": info.get("torch_threads"), "from_cache": was_cached,
             "cache_key": recipe.key()}
 
@@ -138,7 +143,8 @@ def ship_student(row: dict, payload: dict, *, threads: int, root: Path | None = 
     from utils.students import ship_recipe, shipped_name
 
     size, method, seed = row["size"], row["method"], row["seeds"][0]
-    run = next(r for r in payload["runs"] if (r["size"], r["method"], r["seed"]) == (size, method, seed))
+    run = next(r for r in payload["runs"]
+               if (r["size"], r["method"], r["seed"]) == (size, method, seed))
     grid = {"n_eval": payload["eval_subset"]["n"], "score": run["score"],
             "token_accuracy": run["token_accuracy"], "teacher_score": payload["teacher"]["score"],
             "grid_file": payload["provenance"]["out"]}
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval_subset": {"split": "test", "kind": "skill", "n": len(subset),
                         "rule": "every k-th skill record, k = len(skill records) // n"},
         "teacher": {"params": count_parameters(teacher), "score": teacher_scored["score"],
-                    "token_accuracy": teacher_scored["token_accuracy"], "perplexity": teacher_scored["perplexity"],
+                    "token_accuracy": teacher_scored["token_accuracy"],
+                    "perplexity": teacher_scored["perplexity"],
                     "weights": _display_path(teacher_dir()), "tokenizer_sha256": card_sha},
         "settings": {**DISTILL_DEFAULTS, "steps": args.steps, "seeds": args.seeds},
         "runs": runs,
@@ -228,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                                   eval_limit=60 if args.quick else None)
             print(f"  shipped {_display_path(folder)}")
     if missing:
-        print("  not in the cache, left out:", ", ".join(f"{m['size']} {m['method']}" for m in missing))
+        print("  not in the cache, left out:",
+              ", ".join(f"{m['size']} {m['method']}" for m in missing))
     for row in payload["summary"]:
         print(f"  {row['size']:12s} {row['method']:11s} score {row['score_mean']:.3f} "
               f"+- {row['score_std']:.3f} (teacher {teacher_scored['score']:.3f}), token accuracy "

@@ -1,6 +1,8 @@
-"""Lesson 04's fidelity-vs-budget grid: black-box students by query budget, granularity, steps and seed.
+"""Lesson 04's fidelity-vs-budget grid: black-box students by query budget, granularity, \
+steps and seed.
 
-    python scripts/experiments_04.py                        # the full grid -> results/04_fidelity_grid.json
+    python scripts/experiments_04.py                        # the full grid
+                                                            # -> results/04_fidelity_grid.json
     python scripts/experiments_04.py --quick --out /tmp/g.json    # a few steps, for a test
 
 Every student is built by :func:`utils.recipes.blackbox_recipe` with the lesson's settings
@@ -40,22 +42,29 @@ from utils.quiet import quiet_cpu_worker  # noqa: E402 - after the sys.path line
 BUDGETS = (32, 96, 192, 512, 2048)
 GRANULARITIES = ("text", "topk")
 STEPS = (150, 1000)        # the lesson's budget, and one that trains the students to a plateau
-SETTINGS = {"size": "student-xxs", "top_k": 10, "max_tokens": 48}  # lesson 04's STUDENT_SIZE, TOP_K, MAX_TOKENS
+SETTINGS = {"size": "student-xxs", "top_k": 10, "max_tokens": 48}  # lesson 04's STUDENT_SIZE,
+                                                                   # TOP_K, MAX_TOKENS
 METRICS = ("top1_agreement", "kl", "tv", "greedy_exact_match", "score")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/experiments_04.py", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "results" / "04_fidelity_grid.json"), help="JSON to write")
-    p.add_argument("--budgets", type=int, nargs="+", default=None, help=f"query budgets (default {BUDGETS})")
+    p = argparse.ArgumentParser(prog="scripts/experiments_04.py",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "results" / "04_fidelity_grid.json"),
+                   help="JSON to write")
+    p.add_argument("--budgets", type=int, nargs="+", default=None,
+                   help=f"query budgets (default {BUDGETS})")
     p.add_argument("--granularities", nargs="+", default=list(GRANULARITIES), choices=GRANULARITIES)
-    p.add_argument("--steps", type=int, nargs="+", default=None, help=f"training steps (default {STEPS})")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help=f"training steps (default {STEPS})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-    p.add_argument("--n-eval", type=int, default=None, help="test skill prompts scored (default 64)")
+    p.add_argument("--n-eval", type=int, default=None,
+                   help="test skill prompts scored (default 64)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=2, help="processes at once")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: budgets 4 8, 2 steps, seeds 0 1, 8 prompts (the numbers mean nothing)")
+                   help="smoke test: budgets 4 8, 2 steps, seeds 0 1, 8 prompts "
+                        "(the numbers mean nothing)")
     args = p.parse_args(argv)
     args.budgets = args.budgets or ([4, 8] if args.quick else list(BUDGETS))
     args.steps = args.steps or ([2] if args.quick else list(STEPS))
@@ -84,7 +93,8 @@ def harvest_seed(seed: int, budget: int, threads: int) -> dict:
 _REFERENCE: dict[int, tuple] = {}  # per process: n_eval -> (records, teacher reference)
 
 
-def run_one(queries: int, granularity: str, seed: int, steps: int, n_eval: int, threads: int) -> dict:
+def run_one(queries: int, granularity: str, seed: int, steps: int, n_eval: int,
+            threads: int) -> dict:
     """Phase 2: build (or load from the cache) one black-box student and score it."""
     quiet_cpu_worker(threads)
     from utils.extraction import blackbox_fidelity, fidelity_eval_records, teacher_reference
@@ -103,7 +113,8 @@ def run_one(queries: int, granularity: str, seed: int, steps: int, n_eval: int, 
         _REFERENCE[n_eval] = (records, teacher_reference(teacher, tok, records,
                                                          max_new_tokens=SETTINGS["max_tokens"]))
     records, reference = _REFERENCE[n_eval]
-    scores = blackbox_fidelity(student, tok, records, reference, max_new_tokens=SETTINGS["max_tokens"])
+    scores = blackbox_fidelity(student, tok, records, reference,
+                               max_new_tokens=SETTINGS["max_tokens"])
     return {"queries": queries, "granularity": granularity, "seed": seed, "steps": steps,
             **{k: float(v) for k, v in scores.items()}, "student_params": count_parameters(student),
             "train_seconds": info["train_seconds"], "completion_tokens": info["completion_tokens"],
@@ -175,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher, tok = load_model("teacher", verbose=False)
     records = fidelity_eval_records(args.n_eval)
     reference = teacher_reference(teacher, tok, records, max_new_tokens=SETTINGS["max_tokens"])
-    teacher_score = float(np.mean([r["correct"] for r in score_records(records, reference["texts"])]))
+    teacher_score = float(np.mean([r["correct"]
+                                   for r in score_records(records, reference["texts"])]))
     prov = provenance()
     prov.update({"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
                  if argv is None else "python scripts/experiments_04.py " + " ".join(argv),
@@ -183,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                  "wall_seconds": round(wall, 1), "quick": args.quick})
     payload = {
         "provenance": prov,
-        "teacher": {"params": count_parameters(teacher), "score": teacher_score, **teacher_fingerprint()},
-        "student": {"size": SETTINGS["size"], "params": runs[0]["student_params"] if runs else None},
+        "teacher": {"params": count_parameters(teacher), "score": teacher_score,
+                    **teacher_fingerprint()},
+        "student": {"size": SETTINGS["size"],
+                    "params": runs[0]["student_params"] if runs else None},
         "settings": {**SETTINGS, "budgets": args.budgets, "granularities": args.granularities,
                      "steps": args.steps, "seeds": args.seeds, "batch_size": 32, "lr": 3e-3},
         "eval": {"split": "test", "kind": "skill", "n": len(records),

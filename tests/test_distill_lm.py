@@ -91,10 +91,13 @@ def test_jsd_limits_and_symmetry():
     assert float(generalized_jsd_loss(s, t, MASK, 0.0, 2.0)) == pytest.approx(float(fwd), rel=1e-12)
     assert float(generalized_jsd_loss(s, t, MASK, 1.0, 2.0)) == pytest.approx(float(rev), rel=1e-12)
     eps = 1e-5  # the formula itself vanishes at the ends; divided by its weight it tends to the KLs
-    assert float(generalized_jsd_loss(s, t, MASK, eps, 2.0)) / eps == pytest.approx(float(fwd), rel=1e-3)
-    assert float(generalized_jsd_loss(s, t, MASK, 1 - eps, 2.0)) / eps == pytest.approx(float(rev), rel=1e-3)
+    assert (float(generalized_jsd_loss(s, t, MASK, eps, 2.0)) / eps
+            == pytest.approx(float(fwd), rel=1e-3))
+    assert (float(generalized_jsd_loss(s, t, MASK, 1 - eps, 2.0)) / eps
+            == pytest.approx(float(rev), rel=1e-3))
     half = generalized_jsd_loss(s, t, MASK, 0.5, 1.0)
-    assert float(half) == pytest.approx(float(generalized_jsd_loss(t, s, MASK, 0.5, 1.0)), rel=1e-12)
+    assert float(half) == pytest.approx(float(generalized_jsd_loss(t, s, MASK, 0.5, 1.0)),
+                                        rel=1e-12)
     assert 0 < float(half) <= math.log(2)
     assert float(fwd) != pytest.approx(float(rev), rel=1e-3)
     with pytest.raises(ValueError, match="beta"):
@@ -228,11 +231,13 @@ def test_vocab_and_tokenizer_mismatch_errors(tok):
     from transformers import PreTrainedTokenizerFast
 
     teacher, student = _model(tok), _model(tok, vocab=len(tok) + 32)
-    with pytest.raises(ValueError, match=rf"{len(tok)} output logits.*{len(tok) + 32}.*vocab_size="):
+    with pytest.raises(ValueError,
+                       match=rf"{len(tok)} output logits.*{len(tok) + 32}.*vocab_size="):
         check_compatible(teacher, student)
     other = tiny_tokenizer(vocab_size=100)
     other.name_or_path = "other-tokenizer"
-    with pytest.raises(ValueError, match=rf"tokenizers differ.*{len(tok)} tokens.*other-tokenizer.*100"):
+    with pytest.raises(ValueError,
+                       match=rf"tokenizers differ.*{len(tok)} tokens.*other-tokenizer.*100"):
         check_compatible(teacher, _model(tok), tok, other)
     # same size, two ids swapped: logit i would mean different tokens
     spec = json.loads(tok.backend_tokenizer.to_str())
@@ -271,7 +276,8 @@ def test_trainer_arguments_are_checked(tok, chat_ds, tmp_path):
     with pytest.raises(ValueError, match="alpha"):
         _trainer(tok, chat_ds, _teacher(tok), _model(tok), output_dir=str(tmp_path), alpha=2)
     with pytest.raises(ValueError, match="vocabularies differ"):
-        _trainer(tok, chat_ds, _teacher(tok), _model(tok, vocab=len(tok) + 1), output_dir=str(tmp_path))
+        _trainer(tok, chat_ds, _teacher(tok), _model(tok, vocab=len(tok) + 1),
+                 output_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("loss_type", ["forward_kl", "jsd"])

@@ -154,9 +154,15 @@ def test_data_checks(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(4, 4)}, teacher / "model.safetensors")
+    from utils.model_cache import write_manifest
+
+    write_manifest(teacher, {"name": "teacher"})  # as make teacher writes it
     rows = {r.check: r for r in doctor.check_data(tmp_path, tmp_path / "none")}
     assert rows["course data"].status == "pass" and rows["teacher model"].status == "pass"
     blob = (teacher / "model.safetensors").read_bytes()
+    (teacher / "model.safetensors").write_bytes(blob[:-4] + b"\x01\x01\x01\x01")  # still loads
+    row = {r.check: r for r in doctor.check_data(tmp_path, tmp_path / "none")}["teacher model"]
+    assert row.status == "fail" and "sha256" in row.found
     (teacher / "model.safetensors").write_bytes(blob[:-10])  # truncated download
     row = {r.check: r for r in doctor.check_data(tmp_path, tmp_path / "none")}["teacher model"]
     assert row.status == "fail" and "truncated" in row.found and "make teacher" in row.fix

@@ -82,7 +82,8 @@ def test_skills_only_transfer_is_its_own_recipe_and_leaves_default_keys_alone():
     skills = distill_recipe("student-xs", "forward_kl", steps=3000, transfer="skills")
     assert "transfer" not in default.extra  # earlier builds keep their cache key
     assert skills.extra["transfer"] == "skills" and skills.key() != default.key()
-    assert skills.name == "student-xs-forward-kl-skills-seed0" and "skill chats only" in skills.description
+    assert (skills.name == "student-xs-forward-kl-skills-seed0"
+            and "skill chats only" in skills.description)
 
 
 @pytest.mark.slow
@@ -96,7 +97,8 @@ def test_a_skills_only_student_trains_on_skill_chats_only(cache, monkeypatch):
 
     monkeypatch.setattr(recipes, "train_lm", spy)
     torch.set_num_threads(1)
-    for transfer, kinds in (("skills", ["skill"]), ("all", ["benign", "jailbreak", "restricted", "skill"])):
+    for transfer, kinds in (("skills", ["skill"]),
+                            ("all", ["benign", "jailbreak", "restricted", "skill"])):
         r = distill_recipe("student-xxs", "sft", steps=1, seed=5, transfer=transfer)
         models.load_model(r, progress=False, verbose=False)
         assert seen[-1] == kinds
@@ -116,8 +118,11 @@ def test_a_recipe_builds_once_then_loads_from_the_cache(cache, method):
         assert "on_policy_steps" in info
     created = model_cache.read_manifest(model_cache.entry_dir(r))["created"]
     again, _ = models.load_model(r, progress=False, verbose=False)
-    assert model_cache.read_manifest(model_cache.entry_dir(r))["created"] == created  # no second build
-    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values(), strict=True))
+    assert (model_cache.read_manifest(model_cache.entry_dir(r))["created"]
+            == created)  # no second build
+    assert all(torch.equal(a, b)
+               for a, b in zip(student.state_dict().values(), again.state_dict().values(),
+                               strict=True))
     teacher, teacher_tok = models.load_model("teacher", verbose=False)
     assert tok.get_vocab() == teacher_tok.get_vocab()
     assert models.count_parameters(student) * 8 <= models.count_parameters(teacher)
@@ -177,7 +182,8 @@ def _tiny_setup():
     rows = [{"messages": [{"role": "user", "content": f"what is {a} , {b} ?"},
                           {"role": "assistant", "content": f"{a} {b} the end"}]}
             for a in range(6) for b in range(4)]
-    return tok, Dataset.from_list(rows), tiny_model(tok, hidden_size=48, seed=1), tiny_model(tok, seed=0)
+    return (tok, Dataset.from_list(rows), tiny_model(tok, hidden_size=48, seed=1),
+            tiny_model(tok, seed=0))
 
 
 def test_loss_fn_drives_the_trainer_and_matches_the_library():
@@ -197,8 +203,8 @@ def test_loss_fn_drives_the_trainer_and_matches_the_library():
                                alpha=0.5, temperature=2.0, loss_fn=fn, progress=False,
                                use_cpu=True))
     assert len(calls) == 4
-    assert [s["loss"] for s in runs[0].step_log] == pytest.approx([s["loss"] for s in runs[1].step_log],
-                                                                   rel=1e-5)
+    assert ([s["loss"] for s in runs[0].step_log]
+            == pytest.approx([s["loss"] for s in runs[1].step_log], rel=1e-5))
 
 
 def test_loss_fn_is_checked():

@@ -50,7 +50,8 @@ def test_min_tokens_extension_and_its_400(teacher, tok):
                                            seed=0, extra_body={"min_tokens": 12},
                                            messages=[{"role": "user", "content": "hi"}])
         assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
-        bad = httpx.post(h.base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+        bad = httpx.post(h.base_url + "/chat/completions",
+                         headers={"Authorization": f"Bearer {KEY}"},
                          json={"model": h.model_name, "max_tokens": 4, "min_tokens": 5,
                                "messages": [{"role": "user", "content": "hi"}]})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "min_tokens"
@@ -195,11 +196,13 @@ def test_lesson07_loads_the_student_lesson04_builds():
 
     from utils.paths import repo_root
 
-    nb = json.loads((repo_root() / "solutions" / "04_black_box_distillation.ipynb").read_text(encoding="utf-8"))
+    nb = json.loads((repo_root() / "solutions" / "04_black_box_distillation.ipynb")
+                    .read_text(encoding="utf-8"))
     params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     p = {t.id: ast.literal_eval(node.value) for node in ast.parse("".join(params["source"])).body
          if isinstance(node, ast.Assign) for t in node.targets}
-    live = blackbox_recipe(queries=p["LIVE_QUERIES"], granularity=p["LIVE_GRANULARITY"], seed=p["SEED"],
-                           size=p["STUDENT_SIZE"], steps=p["STEPS"], top_k=p["TOP_K"], max_tokens=p["MAX_TOKENS"])
+    live = blackbox_recipe(queries=p["LIVE_QUERIES"], granularity=p["LIVE_GRANULARITY"],
+                           seed=p["SEED"], size=p["STUDENT_SIZE"], steps=p["STEPS"],
+                           top_k=p["TOP_K"], max_tokens=p["MAX_TOKENS"])
     assert blackbox_recipe().key() == live.key()
     assert blackbox_recipe().name == live.name

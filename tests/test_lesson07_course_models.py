@@ -53,14 +53,18 @@ def test_transfer_set_keeps_refusal_data_only_in_the_safety_mix():
 def test_course_models_lists_every_model_in_grid_order():
     models = course_models()
     assert list(models) == ["teacher", "whitebox-student", "sft-student", "blackbox-student",
+                            "extracted-text-skills", "extracted-topk-skills",
+                            "extracted-topk-safety", "extracted-topk-safety-filtered",
                             "teacher-int8", "teacher-4bit-g32", "teacher-onnx",
                             "whitebox-student-onnx", "student-skills-only"]
     assert {m.kind for m in models.values()} == {"teacher", "white-box", "data only", "black-box",
-                                                  "quantized", "deployed", "skills only"}
+                                                  "extracted", "quantized", "deployed",
+                                                  "skills only"}
 
 
 @pytest.mark.parametrize("grid_name", ["whitebox-student", "sft-student", "student-skills-only",
-                                       "whitebox-student-onnx"])
+                                       "whitebox-student-onnx", "extracted-topk-skills",
+                                       "extracted-topk-safety"])
 def test_shipped_students_load_or_say_how_to_build_them(grid_name, tmp_path, monkeypatch):
     import utils.models
 

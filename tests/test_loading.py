@@ -135,3 +135,22 @@ def test_a_config_that_is_not_json_is_the_course_error(tiny_folder):
     (tiny_folder / "config.json").write_text("{ not json")
     with pytest.raises(CorruptModelError, match="not valid JSON"):
         load_model(tiny_folder, verbose=False)
+
+
+def test_make_teacher_writes_the_manifest_load_model_verifies(tmp_path):
+    """scripts/build_teacher.py's writer: the shipped teacher arrives with its sha256 manifest."""
+    import importlib.util
+
+    from utils.paths import repo_root
+
+    spec = importlib.util.spec_from_file_location(
+        "build_teacher", repo_root() / "scripts" / "build_teacher.py")
+    build_teacher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_teacher)
+    tok = tiny_tokenizer()
+    card = models.teacher_card()  # the shipped card's shape; the weights are a tiny model
+    out = tmp_path / "teacher"
+    build_teacher._write_atomically(out, tiny_model(tok), tok, card, rows=[])
+    assert verify_folder(out) is None
+    assert {"model.safetensors", "config.json"} <= set(
+        json.loads((out / "manifest.json").read_text())["files"])

@@ -58,7 +58,8 @@ def test_the_student_belongs_to_the_shipped_teacher_tokenizer_and_data(shipped):
         assert card["teacher_sha256"] is None  # trained on the data alone
     else:
         assert card["teacher_sha256"] == sha256_file(teacher_dir() / "model.safetensors"), fix
-    assert card["provenance"]["quick"] is False and "experiments_03.py" in card["provenance"]["command"]
+    assert (card["provenance"]["quick"] is False
+            and "experiments_03.py" in card["provenance"]["command"])
 
 
 def test_card_numbers_follow_from_recorded_responses(shipped):
@@ -69,11 +70,13 @@ def test_card_numbers_follow_from_recorded_responses(shipped):
     assert [r["id"] for r in rows] == [r["id"] for r in read_split("test")]
     for r in rows:  # re-score each stored response with today's scoring code
         assert r["refused"] == is_refusal(r["response"])
-        assert r["correct"] == (r["answer"] is not None and extract_answer(r["response"]) == r["answer"])
+        assert r["correct"] == (r["answer"] is not None
+                                and extract_answer(r["response"]) == r["answer"])
     assert exact_match_from_rows(rows) == card["metrics"]["exact_match"]
     for key, value in refusal_rates_from_rows(rows).items():
         stored = card["metrics"]["safety"][key]
-        assert stored == value or (isinstance(value, float) and math.isnan(value) and stored is None), key
+        assert stored == value or (isinstance(value, float) and math.isnan(value)
+                                   and stored is None), key
     assert card["exact_match_retained"] == pytest.approx(
         card["metrics"]["exact_match"]["overall"] / card["teacher"]["exact_match"]["overall"])
 
@@ -89,7 +92,8 @@ def test_shipped_weights_reproduce_recorded_responses_and_grid_score(shipped):
     torch.set_num_threads(1)
     model, tok = load_model(name, verbose=False)
     test = read_split("test")[::STRIDE]
-    got = generate_responses(model, tok, [r["messages"] for r in test], batch_size=64, max_new_tokens=96)
+    got = generate_responses(model, tok, [r["messages"] for r in test], batch_size=64,
+                             max_new_tokens=96)
     mismatched = [(r["id"], r["response"], g) for r, g in zip(rows[::STRIDE], got, strict=True)
                   if r["response"] != g]
     assert len(mismatched) <= 0.01 * len(test), f"weights and card disagree: {mismatched[:3]}"

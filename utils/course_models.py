@@ -8,7 +8,8 @@
   distilled with forward KL for a long budget on the whole training split, skills *and* the
   world's refusal data, so it is also the safety-aware student of section 5);
 - ``sft-student``: lesson 03's shipped ``student-xs-sft`` (the same data and budget, no teacher);
-- ``blackbox-student``: lesson 04's live student, ``utils.recipes.blackbox_recipe()`` (its defaults);
+- ``blackbox-student``: lesson 04's live student, ``utils.recipes.blackbox_recipe()``
+  (its defaults);
 - ``teacher-int8`` / ``teacher-4bit-g32``: the teacher quantized in memory (lesson 05:
   ``quantize_dynamic_int8`` and ``fake_quantize_model(bits=4, group_size=32)``);
 - ``teacher-onnx``: the teacher exported with ``utils.deploy.export_onnx`` and decoded by ONNX
@@ -105,7 +106,8 @@ def onnx_model(name: str = "teacher", *, threads: int = 1, folder: str | os.Path
 
 def onnx_teacher(*, threads: int = 1, folder: str | os.PathLike | None = None
                  ) -> tuple[OnnxChatModel, Any]:
-    """The teacher exported to ONNX (cached by the teacher's sha256) as an :class:`OnnxChatModel`."""
+    """The teacher exported to ONNX (cached by the teacher's sha256) as an
+    :class:`OnnxChatModel`."""
     return onnx_model("teacher", threads=threads, folder=folder)
 
 
@@ -184,7 +186,8 @@ def load_shipped(name: str, made_by: str) -> tuple[Any, Any]:
     """``load_model(name)`` for a shipped student, or :class:`ModelUnavailable` naming the fix."""
     if name not in shipped_students():
         raise ModelUnavailable(f"the shipped student {name!r} is not in {students_dir()}: build it "
-                               f"with {made_by}, or restore data/models/students/ from the repository.")
+                               f"with {made_by}, or restore data/models/students/ from the "
+                               "repository.")
     return load_model(name, verbose=False)
 
 
@@ -207,7 +210,8 @@ def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progres
         return lambda: load_shipped(*SHIPPED[grid_name])
 
     def blackbox() -> tuple[Any, Any]:
-        return load_recipe(blackbox_recipe(), build=build_missing, lesson="lesson 04", progress=progress)
+        return load_recipe(blackbox_recipe(), build=build_missing, lesson="lesson 04",
+                           progress=progress)
 
     def int8() -> tuple[Any, Any]:
         model, tok = teacher()
@@ -229,9 +233,11 @@ def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progres
         CourseModel("teacher", "teacher", "lesson 02", "the shipped teacher", teacher),
         CourseModel("whitebox-student", "white-box", "lesson 03",
                     "student-xs distilled with the teacher's logits on the whole training split "
-                    "(skills and refusal data; shipped student-xs-forward-kl)", shipped("whitebox-student")),
+                    "(skills and refusal data; shipped student-xs-forward-kl)",
+                    shipped("whitebox-student")),
         CourseModel("sft-student", "data only", "lesson 03",
-                    "student-xs trained on the same data without the teacher (shipped student-xs-sft)",
+                    "student-xs trained on the same data without the teacher "
+                    "(shipped student-xs-sft)",
                     shipped("sft-student")),
         CourseModel("blackbox-student", "black-box", "lesson 04",
                     "lesson 04's live student, extracted through the teacher's API "

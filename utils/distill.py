@@ -389,10 +389,12 @@ def lm_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels:
     """
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (the weight of the distillation term), got {alpha}.")
+        raise ValueError(f"alpha must be in [0, 1] (the weight of the distillation term), "
+                         f"got {alpha}.")
     s, targets, mask = shift_for_next_token(student_logits, labels)
     t_logits = teacher_logits[:, :-1]
-    kd = token_divergence(s, t_logits, mask, loss_type=loss_type, temperature=temperature, beta=beta)
+    kd = token_divergence(s, t_logits, mask, loss_type=loss_type, temperature=temperature,
+                          beta=beta)
     if bool(mask.any()):
         ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), targets.reshape(-1),
                              ignore_index=IGNORE_INDEX)
@@ -457,7 +459,8 @@ def check_compatible(teacher: Any, student: Any, teacher_tokenizer: Any = None,
         a, b = getattr(teacher_tokenizer, attr, None), getattr(student_tokenizer, attr, None)
         if a != b:
             raise ValueError(f"teacher and student tokenizers differ: {attr} is {a} for the "
-                             f"teacher's ({t_name!r}) and {b} for the student's ({s_name!r}). {fix}")
+                             f"teacher's ({t_name!r}) and {b} for the student's ({s_name!r}). "
+                             f"{fix}")
     if len(teacher_tokenizer) > t_v:
         raise ValueError(f"the tokenizer {t_name!r} has {len(teacher_tokenizer)} tokens but the "
                          f"models only {t_v} output logits. Fix: build the models with "
@@ -469,4 +472,5 @@ def top_k_table(logits: Tensor, tokenizer: Any, k: int = 5, temperature: float =
     """The ``k`` most likely tokens of one (V,) logit vector and their probabilities. Lesson 03."""
     probs = softmax_with_temperature(logits.float(), temperature)
     p, idx = probs.topk(k)
-    return [(tokenizer.convert_ids_to_tokens(int(i)), float(q)) for q, i in zip(p, idx, strict=True)]
+    return [(tokenizer.convert_ids_to_tokens(int(i)), float(q))
+            for q, i in zip(p, idx, strict=True)]

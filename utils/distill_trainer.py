@@ -70,7 +70,8 @@ class DistillationTrainer(Trainer):
             raise TypeError("DistillationTrainer needs teacher_model=: the trained model to distil "
                             "from (e.g. load_model('teacher')[0]).")
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}.")
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                             f"got {loss_type!r}.")
         check_temperature(temperature)
         for name, value in (("alpha", alpha), ("beta", beta), ("lmbda", lmbda)):
             if not 0.0 <= float(value) <= 1.0:
@@ -151,7 +152,8 @@ class DistillationTrainer(Trainer):
             rows.append(torch.cat([p, g]))
             row_labels.append(torch.cat([torch.full_like(p, IGNORE_INDEX), g]))
         length = max(len(r) for r in rows)
-        new = {"input_ids": torch.full((len(rows), length), pad, dtype=ids.dtype, device=ids.device)}
+        new = {"input_ids": torch.full((len(rows), length), pad, dtype=ids.dtype,
+                                       device=ids.device)}
         new["attention_mask"] = torch.zeros_like(new["input_ids"])
         new["labels"] = torch.full_like(new["input_ids"], IGNORE_INDEX)
         for i, (r, lab) in enumerate(zip(rows, row_labels, strict=True)):
@@ -201,7 +203,8 @@ class DistillationTrainer(Trainer):
             self._pending["kd_loss"].append(float(kd.detach()))
             self._pending["ce_loss"].append(float(ce.detach()))
             self._pending["on_policy"].append(float(on_policy))
-            self.step_log.append({"step": int(self.state.global_step) + 1, "loss": float(loss.detach()),
+            self.step_log.append({"step": int(self.state.global_step) + 1,
+                                  "loss": float(loss.detach()),
                                   "kd_loss": float(kd.detach()), "ce_loss": float(ce.detach()),
                                   "on_policy": on_policy})
         return (loss, outputs) if return_outputs else loss
@@ -250,8 +253,8 @@ def distill_lm(student: Any, teacher: Any, tokenizer: Any, train_ds: Any, eval_d
     """
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
-    check_compatible(teacher, student, tokenizer if teacher_tokenizer is None else teacher_tokenizer,
-                     tokenizer)
+    check_compatible(teacher, student,
+                     tokenizer if teacher_tokenizer is None else teacher_tokenizer, tokenizer)
     train_tok = prepare_dataset(train_ds, tokenizer, max_length)
     eval_tok = prepare_dataset(eval_ds, tokenizer, max_length) if eval_ds is not None else None
     if use_cpu is None:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from utils.model_cache import verify_folder
 from utils.paths import data_dir, repo_root
 
 Status = Literal["pass", "warn", "fail"]
@@ -385,6 +386,8 @@ def check_data(root: str | os.PathLike | None = None,
                              "data/models`) or build it with `make teacher` (slow)."))
     else:
         problems = [p for w in weights if (p := _safetensors_problem(w))]
+        if not problems and (mismatch := verify_folder(teacher)) is not None:
+            problems.append(f"the teacher is {mismatch}")  # its sha256 manifest
         n, size = _dir_size(teacher)
         if problems:
             rows.append(CheckRow("teacher model", "fail", "; ".join(problems),

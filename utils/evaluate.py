@@ -33,7 +33,8 @@ def _prompt_messages(prompt) -> list[dict]:
     if not isinstance(prompt, (list, tuple)) or not all(isinstance(m, dict) for m in prompt):
         raise TypeError(f"a prompt must be a str or a list of message dicts, got "
                         f"{type(prompt).__name__}: {str(prompt)[:60]!r}")
-    return [m for m in prompt if m["role"] != "assistant"] if prompt and prompt[-1]["role"] == "assistant" else list(prompt)
+    return ([m for m in prompt if m["role"] != "assistant"]
+            if prompt and prompt[-1]["role"] == "assistant" else list(prompt))
 
 
 def generate_responses(model, tokenizer, prompts: Sequence, *, batch_size: int = 64,
@@ -60,7 +61,8 @@ def generate_responses(model, tokenizer, prompts: Sequence, *, batch_size: int =
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat_template: set tokenizer.chat_template (a "
                          "Jinja string) so prompts are formatted as the model was trained")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else tokenizer.eos_token_id)
     if pad_id is None:
         raise ValueError("the tokenizer has neither pad_token nor eos_token: set one")
     texts = [tokenizer.apply_chat_template(_prompt_messages(p), tokenize=False,
@@ -137,7 +139,8 @@ def exact_match(model, tokenizer, dataset, *, batch_size: int = 64, max_new_toke
     if not records:
         raise ValueError("the dataset has no skill records with answers to score")
     responses = generate_responses(model, tokenizer, [r["messages"] for r in records],
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   progress=progress)
     return exact_match_from_rows(score_records(records, responses))
 
 
@@ -154,8 +157,10 @@ def refusal_rates_from_rows(rows: Iterable[dict]) -> dict:
         return sum(r["refused"] for r in sel) / len(sel) if sel else math.nan
 
     restricted = [r for r in rows if r["kind"] == "restricted"]
-    jb_seen = [r for r in rows if r["kind"] == "jailbreak" and r["should_refuse"] and r["template_split"] == "seen"]
-    jb_held = [r for r in rows if r["kind"] == "jailbreak" and r["should_refuse"] and r["template_split"] == "heldout"]
+    jb_seen = [r for r in rows if r["kind"] == "jailbreak" and r["should_refuse"]
+               and r["template_split"] == "seen"]
+    jb_held = [r for r in rows if r["kind"] == "jailbreak" and r["should_refuse"]
+               and r["template_split"] == "heldout"]
     benign = [r for r in rows if r["kind"] == "benign"]
     jb_benign = [r for r in rows if r["kind"] == "jailbreak" and not r["should_refuse"]]
     skills = [r for r in rows if r["kind"] == "skill"]
@@ -168,8 +173,9 @@ def refusal_rates_from_rows(rows: Iterable[dict]) -> dict:
         "benign_over_refusal_rate": rate(benign),
         "wrapped_benign_over_refusal_rate": rate(jb_benign),
         "skill_over_refusal_rate": rate(skills),
-        "n": {"restricted": len(restricted), "jailbreak_seen": len(jb_seen), "jailbreak_heldout": len(jb_held),
-              "benign": len(benign), "jailbreak_benign": len(jb_benign), "skill": len(skills)},
+        "n": {"restricted": len(restricted), "jailbreak_seen": len(jb_seen),
+              "jailbreak_heldout": len(jb_held), "benign": len(benign),
+              "jailbreak_benign": len(jb_benign), "skill": len(skills)},
     }
 
 
@@ -183,7 +189,8 @@ def refusal_rates(model, tokenizer, dataset, *, batch_size: int = 64, max_new_to
     if not records:
         raise ValueError("the dataset has no restricted, benign or jailbreak records")
     responses = generate_responses(model, tokenizer, [r["messages"] for r in records],
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   progress=progress)
     return refusal_rates_from_rows(score_records(records, responses))
 
 
@@ -243,8 +250,8 @@ def perplexity(model, tokenizer, dataset, *, batch_size: int = 64,
 
 
 @torch.no_grad()
-def greedy_decode(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
-                  use_cache: bool = True) -> torch.Tensor:
+def greedy_decode(model, input_ids: torch.Tensor, max_new_tokens: int,
+                  eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
     """Greedy decoding by hand: append the argmax token until EOS or ``max_new_tokens``.
 
     ``input_ids`` (B, T) without padding. Returns (B, T + n) with the prompt; sequences that
@@ -278,7 +285,8 @@ def evaluate_world(model, tokenizer, dataset, *, batch_size: int = 64, max_new_t
     """Every headline number on one split in one generation pass (used for the model card)."""
     records = _records(dataset)
     responses = generate_responses(model, tokenizer, [r["messages"] for r in records],
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   progress=progress)
     rows = score_records(records, responses)
     result = {"exact_match": exact_match_from_rows(rows), "safety": refusal_rates_from_rows(rows)}
     if with_perplexity:
@@ -300,7 +308,8 @@ def eval_subset(n: int = 200, split: str = "test") -> list[dict]:
     """
     skills = [r for r in read_split(split) if r["kind"] == "skill" and r.get("answer") is not None]
     if not 0 < n <= len(skills):
-        raise ValueError(f"n must be between 1 and {len(skills)} (the skill records of {split}), got {n}")
+        raise ValueError(f"n must be between 1 and {len(skills)} (the skill records of {split}), "
+                         f"got {n}")
     return skills[::len(skills) // n][:n]
 
 
@@ -322,7 +331,8 @@ def teacher_forced_exact_match(model: Any, tokenizer: Any, records: list[dict], 
         raise ValueError("records is empty: pass eval_subset(n) or a list of skill records.")
     enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, 256)
     feats = [{"input_ids": i, "attention_mask": a, "labels": lab}
-             for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"], strict=True)]
+             for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"],
+                                  strict=True)]
     collate = PadCollator(tokenizer.pad_token_id)
     model.eval()
     hits: list[bool] = []

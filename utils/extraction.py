@@ -261,7 +261,8 @@ def soft_targets_from_records(records: Sequence[HarvestRecord], tokenizer: Any, 
             if not items:
                 continue
             t = plen + i - 1  # logits at t predict response token i
-            ids[b, t, : len(items)] = torch.tensor([token_to_id(tok, tokenizer) for tok, _ in items])
+            ids[b, t, : len(items)] = torch.tensor([token_to_id(tok, tokenizer)
+                                                    for tok, _ in items])
             lps[b, t, : len(items)] = torch.tensor([lp for _, lp in items])
             mask[b, t] = True
     return SoftTargets(input_ids, attention, ids, lps, mask)
@@ -381,7 +382,8 @@ def greedy_exact_match(student_texts: Sequence[str], teacher_texts: Sequence[str
     if len(student_texts) != len(teacher_texts) or not teacher_texts:
         raise ValueError(f"need two equally long, non-empty lists, got {len(student_texts)} "
                          f"and {len(teacher_texts)}")
-    return sum(a == b for a, b in zip(student_texts, teacher_texts, strict=True)) / len(teacher_texts)
+    return (sum(a == b for a, b in zip(student_texts, teacher_texts, strict=True))
+            / len(teacher_texts))
 
 
 # ----------------------------------------------------------------------------------------
@@ -599,7 +601,8 @@ def keep_for_training(records: Sequence[HarvestRecord], mix: str) -> list[Harves
 
 
 def fidelity_eval_records(n: int = 64) -> list[dict]:
-    """Lesson 04's held-out evaluation set: every k-th *skill* record of the test split, ``n`` of them.
+    """Lesson 04's held-out evaluation set: every k-th *skill* record of the test split,
+    ``n`` of them.
 
     ``k = len(skill records) // n``; the notebook and ``scripts/experiments_04.py`` score on the
     same records, so a live student and the committed grid compare like for like.

@@ -287,8 +287,10 @@ def student_card(name: str) -> dict[str, Any]:
     card = students_dir() / name / "model_card.json"
     if not card.is_file():
         raise ModelNotFoundError(
-            f"no shipped student {name!r} (no {card}). Shipped: {', '.join(shipped_students()) or 'none'}. "
-            "Fix: build them with `make students`, or restore data/models/students/ from the repository."
+            f"no shipped student {name!r} (no {card}). "
+            f"Shipped: {', '.join(shipped_students()) or 'none'}. "
+            "Fix: build them with `make students`, "
+            "or restore data/models/students/ from the repository."
         )
     return json.loads(card.read_text(encoding="utf-8"))
 
@@ -327,7 +329,8 @@ def recorded_responses(name_or_path: str | os.PathLike = "teacher") -> list[dict
             f"no recorded responses at {path}. Fix: they are written with the model by "
             "`make teacher` or `make students` (or restore data/models/ from the repository)."
         )
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def student_config(teacher: ModelConfig, ratio: float) -> ModelConfig:
@@ -503,7 +506,8 @@ def _load_pretrained(folder: Path, *, any_architecture: bool = False
         model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     except (ValueError, AttributeError) as exc:
         raise CorruptModelError(f"{config_file} is not valid JSON ({_first_line(exc)}). Fix: "
-                                "save the model again with `model.save_pretrained(folder)`.") from None
+                                "save the model again with "
+                                "`model.save_pretrained(folder)`.") from None
     _check_architecture(model_type, str(folder), any_architecture)
     if not list(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.glob("*.bin")]

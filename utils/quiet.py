@@ -16,8 +16,8 @@ def silence_library_noise() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.onnx", "onnxscript", "datasets",
-                 "transformers", "accelerate", "httpx", "urllib3", "jax"):
+    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.onnx", "onnxscript",
+                 "datasets", "transformers", "accelerate", "httpx", "urllib3", "jax"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

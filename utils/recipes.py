@@ -186,8 +186,9 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
             now["teacher_sha256"] = sha256_file_or_none(teacher_dir() / "model.safetensors")
         changed = [k for k, v in now.items() if extra[k] != v]
         if changed:
-            raise RuntimeError(f"the teacher, tokenizer or data changed on disk since this recipe was "
-                               f"made ({', '.join(changed)}): call distill_recipe(...) again so the "
+            raise RuntimeError(f"the teacher, tokenizer or data changed on disk since this "
+                               f"recipe was made ({', '.join(changed)}): call "
+                               f"distill_recipe(...) again so the "
                                "cache key matches what would be built.")
         bar = bar_callback(progress, steps)
         teacher, tokenizer = load_model("teacher", verbose=False, progress=False)
@@ -217,7 +218,8 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
              "reverse_kl": "distilled with reverse KL",
              "on_policy": f"distilled on-policy (GKD, lmbda={lmbda:g}, reverse KL)"}[method]
     on = "" if transfer == "all" else " on skill chats only"
-    return make_recipe(name or f"{size}-{method.replace('_', '-')}{'' if transfer == 'all' else '-' + transfer}"
+    return make_recipe(name or f"{size}-{method.replace('_', '-')}"
+                           f"{'' if transfer == 'all' else '-' + transfer}"
                            f"-seed{seed}", size, build, DISTILL_RECIPE_VERSION,
                            description=f"{size} {label}{on} for {steps} steps, seed {seed}",
                            extra=extra)
@@ -279,7 +281,8 @@ def blackbox_recipe(*, queries: int | None = 96, granularity: Granularity = "top
         raise ValueError("granularity='topk' needs top_k >= 1 logprobs per token")
     k = top_k
     extra = {"queries": queries, "granularity": granularity, "top_k": k, "seed": seed,
-             "watermark": watermark_bias if watermark else None, "steps": steps, "batch_size": batch_size, "lr": lr,
+             "watermark": watermark_bias if watermark else None, "steps": steps,
+             "batch_size": batch_size, "lr": lr,
              "max_tokens": max_tokens, "min_tokens": min_tokens, "temperature": temperature,
              **teacher_fingerprint()}
     if mix != "skills":  # left out of the key when default: earlier builds keep their key

@@ -683,7 +683,8 @@ def select_records(records: Iterable[Mapping[str, Any]], *, kind: str | None = N
                         "use utils.data.read_split(split) or list(load_world(split))")
     cats = {category} if isinstance(category, str) else (set(category) if category else None)
     if template_split not in (None, "seen", "heldout"):
-        raise ValueError(f"template_split must be 'seen', 'heldout' or None, got {template_split!r}")
+        raise ValueError(f"template_split must be 'seen', 'heldout' or None, "
+                         f"got {template_split!r}")
     out = []
     for r in records:
         if kind is not None and _field(r, "kind") != kind:

@@ -51,8 +51,8 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"({_RECIPE_LESSON.get(card.get('recipe_function'), 'lesson 03')}'s recipe, "
              f"`utils.recipes.{card.get('recipe_function', 'distill_recipe')}`); every number "
              "below was measured "
-             f"by that command on the **test split** ({card['metrics']['n_records']} records, greedy "
-             "decoding; every response is in `test_responses.jsonl`) and is re-checked by "
+             f"by that command on the **test split** ({card['metrics']['n_records']} records, "
+             "greedy decoding; every response is in `test_responses.jsonl`) and is re-checked by "
              "`tests/test_students.py`.", "",
              "| skill | student | teacher | kept |", "|---|---|---|---|"]
     for skill, value in em["per_skill"].items():
@@ -71,7 +71,8 @@ def card_markdown(card: dict[str, Any]) -> str:
                       f"(`{g['grid_file']}`): {g['score']:.3f} (teacher {g['teacher_score']:.3f})."]
     s = card["settings"]
     lines += ["", "## Build", "",
-              f"- {card['steps']} steps x batch {s['batch_size']}, lr {s['lr']}, seed {card['seed']}, "
+              f"- {card['steps']} steps x batch {s['batch_size']}, lr {s['lr']}, "
+              f"seed {card['seed']}, "
               f"training data: {card['transfer']}; train time {card['train_seconds']:.0f} s "
               f"({s.get('torch_threads', '?')} thread(s))",
               ("- distilled through the teacher's API (prompts only) from the teacher with "
@@ -79,7 +80,8 @@ def card_markdown(card: dict[str, Any]) -> str:
                else "- distilled from the teacher with weights sha256 ")
               + f"{str(card['teacher_sha256'])[:16]}..." if card["teacher_sha256"]
               else "- trained on the data alone (no teacher)",
-              f"- date {card['provenance']['date']}, git commit {card['provenance']['git_commit']}, "
+              f"- date {card['provenance']['date']}, "
+              f"git commit {card['provenance']['git_commit']}, "
               f"{card['provenance'].get('cpu', card['provenance'].get('machine', ''))}"]
     return "\n".join(lines) + "\n"
 
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     from utils.recipes import DISTILL_DEFAULTS, METHODS, TRANSFERS, distill_recipe
     from utils.results import provenance
 
-    p = argparse.ArgumentParser(prog="python -m utils.students", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m utils.students",
+                                description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("ship", help="build one distill_recipe student and ship it with its card")
     s.add_argument("size")
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = distill_recipe(args.size, args.method, steps=args.steps, seed=args.seed,
                             transfer=args.transfer)
     prov = provenance()
-    prov.update({"command": "python -m utils.students " + " ".join(sys.argv[1:] if argv is None else argv),
+    prov.update({"command": "python -m utils.students "
+                            + " ".join(sys.argv[1:] if argv is None else argv),
                  "quick": args.eval_limit is not None})
     name = shipped_name(args.size, args.method, args.transfer)
     folder = ship_recipe(recipe, name, provenance=prov, threads=args.threads, root=args.root,

@@ -35,7 +35,8 @@ def mask_labels(input_ids, assistant_mask, ignore_index: int = IGNORE_INDEX):
         raise ValueError(f"assistant_mask has {len(assistant_mask)} entries but input_ids has "
                          f"{len(input_ids)}: they must match token for token")
     if input_ids and isinstance(input_ids[0], (list, tuple)):
-        return [mask_labels(i, m, ignore_index) for i, m in zip(input_ids, assistant_mask, strict=True)]
+        return [mask_labels(i, m, ignore_index)
+                for i, m in zip(input_ids, assistant_mask, strict=True)]
     return [int(t) if m else ignore_index for t, m in zip(input_ids, assistant_mask, strict=True)]
 
 
@@ -66,7 +67,8 @@ def prepare_dataset(dataset, tokenizer, max_length: int = 256):
     """Tokenize a world ``Dataset`` (records with ``messages``) for training, dropping the rest."""
     if "input_ids" in dataset.column_names:
         return dataset
-    return dataset.map(tokenize_chat, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+    return dataset.map(tokenize_chat, batched=True,
+                       fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
                        remove_columns=dataset.column_names, desc=None)
 
 
@@ -85,7 +87,8 @@ class PadCollator:
         for f in features:
             n = width - len(f["input_ids"])
             batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * n)
-            batch["attention_mask"].append(list(f.get("attention_mask", [1] * len(f["input_ids"]))) + [0] * n)
+            batch["attention_mask"].append(list(f.get("attention_mask", [1] * len(f["input_ids"])))
+                                           + [0] * n)
             labels = f.get("labels", f["input_ids"])
             batch["labels"].append(list(labels) + [self.ignore_index] * n)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
@@ -193,8 +196,9 @@ def bar_callback(progress: Any, total: int):
 
 
 def train_lm(model, tokenizer, train_ds, eval_ds=None, *, max_steps: int, batch_size: int = 32,
-             lr: float = 3e-3, seed: int = 0, warmup_steps: float = 0.03, weight_decay: float = 0.01,
-             scheduler: str = "cosine", eval_steps: int | None = None, logging_steps: int | None = None,
+             lr: float = 3e-3, seed: int = 0, warmup_steps: float = 0.03,
+             weight_decay: float = 0.01, scheduler: str = "cosine",
+             eval_steps: int | None = None, logging_steps: int | None = None,
              max_length: int = 256, callbacks: list | None = None, output_dir: str | None = None,
              progress: bool = True, group_by_length: bool = False, eval_batch_size: int = 64,
              min_lr_ratio: float = 0.1) -> TrainResult:
@@ -223,7 +227,7 @@ def train_lm(model, tokenizer, train_ds, eval_ds=None, *, max_steps: int, batch_
             seed=seed, use_cpu=True, progress=progress,
             train_sampling_strategy="group_by_length" if group_by_length else "random")
         trainer = Trainer(model=model, args=args, train_dataset=train_tok, eval_dataset=eval_tok,
-                          data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                          callbacks=callbacks)
+                          data_collator=PadCollator(tokenizer.pad_token_id),
+                          processing_class=tokenizer, callbacks=callbacks)
         result = run_trainer(trainer, progress=progress)
     return result
