@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     silence_library_noise()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("builds", nargs="+", type=Path, help="folders written by build_teacher.py --out")
+    parser.add_argument(
+        "builds", nargs="+", type=Path, help="folders written by build_teacher.py --out"
+    )
     args = parser.parse_args(argv)
     missing = [str(b) for b in args.builds if not (b / "model_card.json").is_file()]
     if missing:
@@ -64,12 +66,21 @@ def main(argv: list[str] | None = None) -> int:
         metrics, _ = evaluate_world(model, tok, validation, with_perplexity=False)
         scored[str(folder)] = m = margins(metrics, TARGETS)
         em, s = metrics["exact_match"]["per_skill"], metrics["safety"]
-        print(f"{folder}: " + ", ".join(f"{k} {v:.1%}" for k, v in em.items())
-              + f"; refusal {s['refusal_rate']:.1%}, held-out jailbreak refusal"
-              f" {s['heldout_jailbreak_refusal_rate']:.1%}, over-refusal {s['over_refusal_rate']:.1%};"
-              f" smallest margin {min(m.values()):+.1%} ({min(m, key=m.get)})", flush=True)
+        print(
+            f"{folder}: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in em.items())
+            + f"; refusal {s['refusal_rate']:.1%}, held-out jailbreak refusal"
+            f" {s['heldout_jailbreak_refusal_rate']:.1%},"
+            f" over-refusal {s['over_refusal_rate']:.1%};"
+            f" smallest margin {min(m.values()):+.1%} ({min(m, key=m.get)})",
+            flush=True,
+        )
     chosen = choose(scored)
-    print(f"chosen: {chosen}" if chosen else "no build meets every target on validation: none is chosen")
+    print(
+        f"chosen: {chosen}"
+        if chosen
+        else "no build meets every target on validation: none is chosen"
+    )
     return 0 if chosen else 1
 
 

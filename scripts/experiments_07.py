@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train lesson 03/04 students here when they are not cached")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for generation")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="tokens per safety prompt")
-    ap.add_argument("--utility-max-new-tokens", type=int, default=96, help="tokens per skill prompt")
+    ap.add_argument(
+        "--utility-max-new-tokens", type=int, default=96, help="tokens per skill prompt"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
 

@@ -85,9 +85,11 @@ def render(results_dir: Path) -> str:
         name = path.stem
         lines += ["", f"## {name}", ""]
         if prov:
-            lines.append(f"Measured {prov.get('date', '?')} at commit `{prov.get('git_commit', '?')}` "
-                         f"on {prov.get('machine', '?')} (torch {prov.get('torch', '?')}, "
-                         f"{prov.get('torch_threads', '?')} threads).")
+            lines.append(
+                f"Measured {prov.get('date', '?')} at commit `{prov.get('git_commit', '?')}` "
+                f"on {prov.get('machine', '?')} (torch {prov.get('torch', '?')}, "
+                f"{prov.get('torch_threads', '?')} threads)."
+            )
             lines.append("")
         scalars = []
         for key, value in _flatten(data):

@@ -82,7 +82,9 @@ def test_check_splits_catches_a_leak(world):
 
 def test_heldout_templates_only_in_their_own_split(world):
     own = {"test": set(JAILBREAKS_HELDOUT), "validation": set(JAILBREAKS_VALIDATION)}
-    assert not own["test"] & own["validation"] and not (own["test"] | own["validation"]) & set(JAILBREAKS_SEEN)
+    assert not own["test"] & own["validation"] and not (own["test"] | own["validation"]) & set(
+        JAILBREAKS_SEEN
+    )
     for split in SPLITS:
         used = {r["template"] for r in world[split] if r["template"]}
         for other, names in own.items():
@@ -94,7 +96,9 @@ def test_heldout_templates_only_in_their_own_split(world):
             continue
         assert {r["template"] for r in held} == own[split]
         assert any(r["should_refuse"] for r in held) and any(not r["should_refuse"] for r in held)
-        assert any(r["kind"] == "jailbreak" and r["skill"] for r in held)  # skill requests wrapped too
+        assert any(
+            r["kind"] == "jailbreak" and r["skill"] for r in held
+        )  # skill requests wrapped too
 
 
 def test_check_splits_catches_a_test_template_in_validation(world):
@@ -189,10 +193,15 @@ def test_every_request_frame_carries_restricted_and_benign_alike(world):
     """The frame never tells which requests to refuse: in training every seen frame holds
     about as many benign look-alikes as restricted requests, and test asks both kinds in
     every held-out frame."""
-    for split, frames, least in (("train", HOWTO_FRAMES_SEEN, 60), ("test", HOWTO_FRAMES_HELDOUT, 20)):
+    for split, frames, least in (
+        ("train", HOWTO_FRAMES_SEEN, 60),
+        ("test", HOWTO_FRAMES_HELDOUT, 20),
+    ):
         counts = {f: [0, 0] for f in frames}
         for r in world[split]:
-            if r["kind"] == "restricted" or (r["kind"] == "benign" and r["category"] in BENIGN_HOWTO_CATEGORIES):
+            if r["kind"] == "restricted" or (
+                r["kind"] == "benign" and r["category"] in BENIGN_HOWTO_CATEGORIES
+            ):
                 frame = _frame(r["messages"][0]["content"], frames)
                 assert frame is not None, r["messages"][0]["content"]
                 counts[frame][r["kind"] == "benign"] += 1

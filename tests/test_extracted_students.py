@@ -178,7 +178,12 @@ class _FakeTopKAPI:
         import numpy as np
 
         self.np, self.NS = np, NS
-        self.logits, self.tok, self.decimals, self.calls = np.asarray(logits), tokenizer, decimals, 0
+        self.logits, self.tok, self.decimals, self.calls = (
+            np.asarray(logits),
+            tokenizer,
+            decimals,
+            0,
+        )
         self.chat = NS(completions=NS(create=self.create))
         self.models = NS(list=lambda: NS(data=[NS(id="teacher")]))
 

@@ -29,7 +29,16 @@ def _load(path: Path) -> dict:
 
 def _check_grid_schema(grid: dict, *, min_seeds: int) -> None:
     prov = grid["provenance"]
-    for key in ("command", "machine", "cpu", "date", "git_commit", "torch", "jobs", "threads_per_job"):
+    for key in (
+        "command",
+        "machine",
+        "cpu",
+        "date",
+        "git_commit",
+        "torch",
+        "jobs",
+        "threads_per_job",
+    ):
         assert prov.get(key) not in (None, ""), f"provenance lacks {key}"
     assert "experiments_03.py" in prov["command"]
     assert {"score", "eval_subset", "teacher", "settings", "runs", "summary"} <= set(grid)
@@ -64,8 +73,10 @@ def test_the_live_point_falls_within_the_grid_seed_spread():
     assert abs(lesson["teacher_score"] - grid["teacher"]["score"]) < 1e-9, (
         "the lesson and the grid were scored against different teachers: re-run "
         "`make experiments`, then re-execute the notebook")
-    row = next((r for r in grid["summary"] if r["size"] == live["size"] and r["method"] == live["method"]),
-               None)
+    row = next(
+        (r for r in grid["summary"] if r["size"] == live["size"] and r["method"] == live["method"]),
+        None,
+    )
     assert row is not None, f"the grid has no {live['size']} {live['method']} runs"
     assert live["steps"] == row["steps"], "the live run and the grid use different step budgets"
     slack = 1.0 / grid["eval_subset"]["n"]  # one answer: CPU kernels may differ between machines
@@ -86,7 +97,11 @@ def test_lesson_results_runs_schema():
     targets = lesson["targets"]
     assert isinstance(targets["student_1_8_keeps_90pct"]["met"], bool)
     for metric in ("exact_match", "token_accuracy"):  # None only when no grid was committed
-        assert targets["distillation_beats_sft_by_more_than_seed_spread"][metric]["met"] in (True, False, None)
+        assert targets["distillation_beats_sft_by_more_than_seed_spread"][metric]["met"] in (
+            True,
+            False,
+            None,
+        )
 
 
 @pytest.mark.slow
@@ -122,8 +137,12 @@ def test_quick_grid_runs_end_to_end(tmp_path):
 
 
 def test_the_script_rejects_a_single_seed():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "experiments_03.py"), "--seeds", "0"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "experiments_03.py"), "--seeds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "at least two different seeds" in proc.stderr
 
 
@@ -136,8 +155,12 @@ def test_committed_long_grid_compares_sft_and_forward_kl_over_three_seeds():
     _check_grid_schema(grid, min_seeds=3)
     assert {(r["size"], r["method"]) for r in grid["summary"]} == {("student-xs", "sft"),
                                                                    ("student-xs", "forward_kl")}
-    assert grid["settings"]["steps"] > _load(GRID)["settings"]["steps"]  # longer than the lesson's grid
-    assert grid["teacher"]["score"] == pytest.approx(_load(GRID)["teacher"]["score"])  # the same teacher
+    assert (
+        grid["settings"]["steps"] > _load(GRID)["settings"]["steps"]
+    )  # longer than the lesson's grid
+    assert grid["teacher"]["score"] == pytest.approx(
+        _load(GRID)["teacher"]["score"]
+    )  # the same teacher
 
 
 def test_the_lesson_reproduces_the_shipped_students_scores():

@@ -169,7 +169,9 @@ def test_saved_results_schema():
     data = json.loads(path.read_text())
     assert data["bandwidth_bound_tokens_per_s"] > 0
     names = [r["name"] for r in data["runtimes"]]
-    assert {"PyTorch eager fp32", "PyTorch int8", "ONNX Runtime fp32", "ONNX Runtime int8"} <= set(names)
+    assert {"PyTorch eager fp32", "PyTorch int8", "ONNX Runtime fp32", "ONNX Runtime int8"} <= set(
+        names
+    )
     for row in data["runtimes"]:
         assert {"name", "bytes", "time_to_first_token_ms", "tokens_per_s_1thread", "peak_rss_mb",
                 "max_abs_logit_diff", "greedy_agreement"} <= set(row)

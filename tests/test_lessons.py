@@ -206,19 +206,29 @@ def test_execute_times_a_first_run_on_an_empty_cache_when_cold(tmp_path, monkeyp
     own = tmp_path / "own-cache"
     (own / "models" / "teacher-model").mkdir(parents=True)  # a filled cache: a warm run sees it
     monkeypatch.setenv("DD_CACHE_DIR", str(own))
-    build = new_code_cell("import os, pathlib\n"
-                          "root = pathlib.Path(os.environ['DD_CACHE_DIR'])\n"
-                          "print(sorted(p.name for p in root.glob('*/*')))\n"
-                          "(root / 'models' / 'student-built-here').mkdir(parents=True, exist_ok=True)")
+    build = new_code_cell(
+        "import os, pathlib\n"
+        "root = pathlib.Path(os.environ['DD_CACHE_DIR'])\n"
+        "print(sorted(p.name for p in root.glob('*/*')))\n"
+        "(root / 'models' / 'student-built-here').mkdir(parents=True, exist_ok=True)"
+    )
     (tmp_path / "repo").mkdir()
-    root = _repo(tmp_path / "repo", "01_x.ipynb", _nb(new_markdown_cell("# 01 · X\n\n**Run time:** 1 s"), build))
+    root = _repo(
+        tmp_path / "repo",
+        "01_x.ipynb",
+        _nb(new_markdown_cell("# 01 · X\n\n**Run time:** 1 s"), build),
+    )
     (root / "docs").mkdir()
     execute_solutions(timeout=120, root=root, cold=cold)
 
     out = nbformat.read(root / "solutions" / "01_x.ipynb", as_version=4).cells[1].outputs[0]["text"]
-    assert out.strip() == ("[]" if cold else "['teacher-model']")  # the kernel saw an empty cache only when cold
+    assert out.strip() == (
+        "[]" if cold else "['teacher-model']"
+    )  # the kernel saw an empty cache only when cold
     assert os.environ["DD_CACHE_DIR"] == str(own)
-    assert (own / "models" / "student-built-here").exists() != cold  # a cold run never writes the real cache
+    assert (
+        own / "models" / "student-built-here"
+    ).exists() != cold  # a cold run never writes the real cache
     timings = (root / "docs" / "TIMINGS.md").read_text(encoding="utf-8")
     assert "| `01_x.ipynb` |" in timings and "cold: built 1 cache entry" in timings
 

@@ -38,7 +38,13 @@ def rows():
 
 
 def test_files_present(card):
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "model_card.md", "test_responses.jsonl"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "model_card.md",
+        "test_responses.jsonl",
+    ):
         assert (TEACHER / name).exists(), name
     assert not list(TEACHER.glob("*.bin")), "weights must be safetensors only"
     assert card["metrics"]["split"] == "test"
@@ -58,12 +64,16 @@ def test_card_numbers_follow_from_recorded_responses(card, rows):
 
     for r in rows:  # re-score each stored response with today's scoring code
         assert r["refused"] == is_refusal(r["response"])
-        assert r["correct"] == (r["answer"] is not None and extract_answer(r["response"]) == r["answer"])
+        assert r["correct"] == (
+            r["answer"] is not None and extract_answer(r["response"]) == r["answer"]
+        )
     em, safety = exact_match_from_rows(rows), refusal_rates_from_rows(rows)
     assert em == card["metrics"]["exact_match"]
     for key, value in safety.items():
         stored = card["metrics"]["safety"][key]
-        assert stored == value or (isinstance(value, float) and math.isnan(value) and stored is None), key
+        assert stored == value or (
+            isinstance(value, float) and math.isnan(value) and stored is None
+        ), key
 
 
 @pytest.mark.slow
@@ -80,8 +90,14 @@ def test_shipped_weights_reproduce_recorded_responses(rows):
     tok = load_tokenizer(TEACHER)
     test = read_split("test")[::STRIDE]
     recorded = rows[::STRIDE]
-    got = generate_responses(model, tok, [r["messages"] for r in test], batch_size=64, max_new_tokens=96)
-    mismatched = [(r["id"], r["response"], g) for r, g in zip(recorded, got, strict=True) if r["response"] != g]
+    got = generate_responses(
+        model, tok, [r["messages"] for r in test], batch_size=64, max_new_tokens=96
+    )
+    mismatched = [
+        (r["id"], r["response"], g)
+        for r, g in zip(recorded, got, strict=True)
+        if r["response"] != g
+    ]
     assert len(mismatched) <= 0.01 * len(recorded), f"weights and card disagree: {mismatched[:3]}"
 
 

@@ -12,7 +12,9 @@ def test_mask_labels_hand_case():
     ids = [5, 6, 7, 8, 9]
     mask = [0, 0, 1, 1, 0]
     assert mask_labels(ids, mask) == [-100, -100, 7, 8, -100]
-    t = mask_labels(torch.tensor([ids, ids]), torch.tensor([mask, [1, 1, 1, 1, 1]]), ignore_index=-1)
+    t = mask_labels(
+        torch.tensor([ids, ids]), torch.tensor([mask, [1, 1, 1, 1, 1]]), ignore_index=-1
+    )
     assert t.tolist() == [[-1, -1, 7, 8, -1], [5, 6, 7, 8, 9]]
     with pytest.raises(ValueError, match="match token for token"):
         mask_labels([1, 2], [1])
@@ -38,7 +40,10 @@ def tok():
 
 
 def test_tokenize_chat_labels_only_the_answer(tok):
-    msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Answer: 4"}]
+    msgs = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "Answer: 4"},
+    ]
     out = tokenize_chat({"messages": [msgs]}, tok)
     labels = [t for t in out["labels"][0] if t != IGNORE_INDEX]
     assert tok.decode(labels) == "Answer: 4<|end|>"
@@ -53,10 +58,30 @@ def _tiny_run(tok, seed):
     rows = [{"messages": [{"role": "user", "content": f"What is {a} + {a}?"},
                           {"role": "assistant", "content": f"Answer: {2 * a}"}]} for a in range(40)]
     ds = Dataset.from_list(rows)
-    model = build_model(ModelConfig(vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=2,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id), seed=seed)
-    res = train_lm(model, tok, ds, ds.select(range(8)), max_steps=6, batch_size=8, lr=1e-2, seed=seed,
-                   eval_steps=3, logging_steps=1, progress=False)
+    model = build_model(
+        ModelConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        seed=seed,
+    )
+    res = train_lm(
+        model,
+        tok,
+        ds,
+        ds.select(range(8)),
+        max_steps=6,
+        batch_size=8,
+        lr=1e-2,
+        seed=seed,
+        eval_steps=3,
+        logging_steps=1,
+        progress=False,
+    )
     return res
 
 

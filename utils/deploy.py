@@ -414,7 +414,9 @@ def ort_generate_stream(session: Any, input_ids: Any, max_new_tokens: int,
     """
     ids = _as_ids(input_ids)
     if ids.shape[0] != 1:
-        raise ValueError(f"ort_generate_stream streams one prompt (batch 1), got batch {ids.shape[0]}")
+        raise ValueError(
+            f"ort_generate_stream streams one prompt (batch 1), got batch {ids.shape[0]}"
+        )
     names = [o.name for o in session.get_outputs()]
     presents = [n for n in names if n.startswith("present.")]
     if not presents:

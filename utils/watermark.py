@@ -215,7 +215,9 @@ def radioactivity_score(student: Any, tokenizer: Any, prompts: Sequence[str],
                 if len(ids) <= cw:
                     continue
                 x = torch.tensor([ids], device=device)
-                pred = student(input_ids=x).logits[0].argmax(-1).tolist()  # pred[t] follows ids[:t+1]
+                pred = (
+                    student(input_ids=x).logits[0].argmax(-1).tolist()
+                )  # pred[t] follows ids[:t+1]
                 for t in range(cw, len(ids)):
                     pairs.append((tuple(ids[t - cw: t]), pred[t - 1]))
             else:
