@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -45,10 +44,6 @@ TARGETS = {
 EVAL_SEED = (
     0  # which validation records the loss curve is measured on (the same for every build seed)
 )
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _git_commit() -> str:
@@ -152,6 +147,7 @@ def build(preset: str, out: Path, *, steps: int | None, eval_split: str, eval_li
 
     from utils.data import load_world, world_dir
     from utils.evaluate import evaluate_world
+    from utils.io import sha256_file
     from utils.models import ModelConfig, build_model, count_parameters
     from utils.seed import seed_everything
     from utils.tokenizer import load_tokenizer, tokenizer_dir
@@ -236,8 +232,8 @@ def build(preset: str, out: Path, *, steps: int | None, eval_split: str, eval_li
         "log_history": result.log_history,
         "machine": _machine(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(), "command": command,
-        "data_manifest_sha256": _sha256(world_dir() / "manifest.json"),
-        "tokenizer_sha256": _sha256(tokenizer_dir() / "tokenizer.json"),
+        "data_manifest_sha256": sha256_file(world_dir() / "manifest.json"),
+        "tokenizer_sha256": sha256_file(tokenizer_dir() / "tokenizer.json"),
     }
     _write_atomically(out, model, tok, card, rows)
     return card
