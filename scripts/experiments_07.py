@@ -37,7 +37,7 @@ from utils.course_models import (  # noqa: E402
 )
 from utils.data import read_split  # noqa: E402
 from utils.io import atomic_write_json  # noqa: E402
-from utils.paths import results_dir  # noqa: E402
+from utils.paths import committed_results_dir  # noqa: E402
 from utils.results import provenance  # noqa: E402
 from utils.safety import CourseKeywordJudge, safety_eval_set  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['over_refusal_rate']:.3f}  held-out ASR "
               f"{row['heldout_jailbreak_success_rate']:.3f}  utility {row['utility_score']:.3f}"
               f"  {row['eval_seconds']:.1f} s", flush=True)
-    out = args.out or results_dir() / f"{GRID_NAME}.json"
+    out = args.out or committed_results_dir() / f"{GRID_NAME}.json"  # the committed grid
     payload = {
         "models": rows, "skipped": skipped, "determinism": determinism,
         "judge": judge.name, "n_prompts": len(records), "n_utility": len(skills),

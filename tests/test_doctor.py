@@ -124,21 +124,42 @@ class FakeKernels:
         return self.specs
 
     def get_kernel_spec(self, name):
-        return type("Spec", (), {"argv": self.argv})()
+        return type("Spec", (), {"argv": self.argv, "resource_dir": self.specs[name]})()
+
+
+IN_VENV = "/work/.venv/share/jupyter/kernels/distill-deploy"  # where --sys-prefix puts it
+VENV_PY = ["/work/.venv/bin/python", "-m", "ipykernel"]
 
 
 def test_kernel_missing_fails_with_the_install_command():
     row = doctor.check_kernel(manager=FakeKernels({"python3": "/x"}))
     assert row.status == "fail" and "python3" in row.found
-    assert "ipykernel install --user --name distill-deploy" in row.fix
+    assert "ipykernel install --sys-prefix --name distill-deploy" in row.fix
+    assert "--user" not in row.fix
 
 
 def test_kernel_from_another_environment_warns():
-    fake = FakeKernels({"distill-deploy": "/k"}, ["/elsewhere/bin/python", "-m", "ipykernel"])
-    row = doctor.check_kernel(manager=fake, python="/work/.venv/bin/python")
+    fake = FakeKernels({"distill-deploy": IN_VENV}, ["/elsewhere/bin/python", "-m", "ipykernel"])
+    row = doctor.check_kernel(manager=fake, python="/work/.venv/bin/python", prefix="/work/.venv")
     assert row.status == "warn" and "/elsewhere/bin/python" in row.found
-    ok = FakeKernels({"distill-deploy": "/k"}, ["/work/.venv/bin/python", "-m", "ipykernel"])
-    assert doctor.check_kernel(manager=ok, python="/work/.venv/bin/python").status == "pass"
+    assert "--sys-prefix" in row.fix
+    ok = FakeKernels({"distill-deploy": IN_VENV}, VENV_PY)
+    row = doctor.check_kernel(manager=ok, python="/work/.venv/bin/python", prefix="/work/.venv")
+    assert row.status == "pass"
+
+
+def test_kernel_registered_per_user_warns_even_when_it_runs_this_environment():
+    """A per-user kernel is shared by every clone: the next clone's setup repoints it."""
+    user = "/home/me/.local/share/jupyter/kernels/distill-deploy"
+    row = doctor.check_kernel(manager=FakeKernels({"distill-deploy": user}, VENV_PY),
+                              python="/work/.venv/bin/python", prefix="/work/.venv")
+    assert row.status == "warn" and "per user" in row.found and user in row.found
+    assert "--sys-prefix" in row.fix and f"rm -r {user}" in row.fix
+    # a sibling folder whose name starts like the prefix is not inside it
+    other = "/work/.venv2/share/jupyter/kernels/distill-deploy"
+    row = doctor.check_kernel(manager=FakeKernels({"distill-deploy": other}, VENV_PY),
+                              python="/work/.venv/bin/python", prefix="/work/.venv")
+    assert row.status == "warn"
 
 
 def test_data_checks(tmp_path):

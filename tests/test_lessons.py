@@ -206,11 +206,13 @@ def test_execute_times_a_first_run_on_an_empty_cache_when_cold(tmp_path, monkeyp
     own = tmp_path / "own-cache"
     (own / "models" / "teacher-model").mkdir(parents=True)  # a filled cache: a warm run sees it
     monkeypatch.setenv("DD_CACHE_DIR", str(own))
+    monkeypatch.delenv("DD_RESULTS_DIR", raising=False)  # as in a shell that runs make execute
     build = new_code_cell(
         "import os, pathlib\n"
         "root = pathlib.Path(os.environ['DD_CACHE_DIR'])\n"
         "print(sorted(p.name for p in root.glob('*/*')))\n"
-        "(root / 'models' / 'student-built-here').mkdir(parents=True, exist_ok=True)"
+        "(root / 'models' / 'student-built-here').mkdir(parents=True, exist_ok=True)\n"
+        "print(os.environ.get('DD_RESULTS_DIR'))"
     )
     (tmp_path / "repo").mkdir()
     root = _repo(
@@ -222,9 +224,13 @@ def test_execute_times_a_first_run_on_an_empty_cache_when_cold(tmp_path, monkeyp
     execute_solutions(timeout=120, root=root, cold=cold)
 
     out = nbformat.read(root / "solutions" / "01_x.ipynb", as_version=4).cells[1].outputs[0]["text"]
-    assert out.strip() == (
+    seen_cache, seen_results = out.strip().splitlines()
+    assert seen_cache == (
         "[]" if cold else "['teacher-model']"
     )  # the kernel saw an empty cache only when cold
+    # make execute is what writes the committed results/ (a learner's run writes a scratch copy)
+    assert seen_results == str(root / "results")
+    assert "DD_RESULTS_DIR" not in os.environ
     assert os.environ["DD_CACHE_DIR"] == str(own)
     assert (
         own / "models" / "student-built-here"

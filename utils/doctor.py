@@ -303,10 +303,16 @@ def check_offline(env: Mapping[str, str] | None = None) -> CheckRow:
 
 
 def check_kernel(name: str = KERNEL_NAME, manager: Any | None = None,
-                 python: str | None = None) -> CheckRow:
-    """The Jupyter kernel the lessons ask for is installed and runs this environment."""
-    install = (f'`{_venv_python()} -m ipykernel install --user --name {name} '
-               f'--display-name "{KERNEL_DISPLAY}"`, then reload JupyterLab.')
+                 python: str | None = None, prefix: str | None = None) -> CheckRow:
+    """The Jupyter kernel the lessons ask for is installed inside this environment and runs it.
+
+    ``make install`` registers it with ``--sys-prefix`` (``<prefix>/share/jupyter/kernels``):
+    a per-user registration (``~/.local/share/jupyter``) is shared by every clone and points at
+    whichever one ran setup last.
+    """
+    install = (f'`{_venv_python()} -m ipykernel install --sys-prefix --name {name} '
+               f'--display-name "{KERNEL_DISPLAY}"` (what `make install` runs), then reload '
+               "JupyterLab.")
     if manager is None:
         from jupyter_client.kernelspec import KernelSpecManager
 
@@ -315,7 +321,8 @@ def check_kernel(name: str = KERNEL_NAME, manager: Any | None = None,
     if name not in specs:
         return CheckRow("Jupyter kernel", "fail", f"{name!r} not installed "
                         f"(found: {', '.join(sorted(specs)) or 'none'})", install)
-    argv = manager.get_kernel_spec(name).argv
+    spec = manager.get_kernel_spec(name)
+    argv = spec.argv
     kernel_python = argv[0] if argv else ""
     if kernel_python and not os.path.isabs(kernel_python):  # e.g. "python": found on PATH
         kernel_python = shutil.which(kernel_python) or kernel_python
@@ -324,7 +331,14 @@ def check_kernel(name: str = KERNEL_NAME, manager: Any | None = None,
     if kernel_python != python:
         return CheckRow("Jupyter kernel", "warn",
                         f"{name!r} runs {kernel_python}, not this environment's {python}",
-                        f"Re-register it from this environment: {install}")
+                        f"Register it inside this environment: {install}")
+    where = getattr(spec, "resource_dir", None) or specs.get(name)
+    prefix = os.path.realpath(prefix or sys.prefix)
+    if where and not os.path.realpath(where).startswith(prefix + os.sep):
+        return CheckRow("Jupyter kernel", "warn",
+                        f"{name!r} is registered per user ({where}), shared by every clone",
+                        f"Register it inside this environment: {install} The per-user copy can "
+                        f"then be deleted: `rm -r {where}`.")
     return CheckRow("Jupyter kernel", "pass", f"{name!r} -> {kernel_python}")
 
 

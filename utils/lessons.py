@@ -265,7 +265,20 @@ def execute_solutions(paths: list[Path] | None = None, *, timeout: int = 900,
     into ``docs/TIMINGS.md``; lessons are regenerated afterwards. ``cold``: run them, in order,
     against a new empty course cache (``DD_CACHE_DIR``, removed afterwards), so every time is a
     learner's first run: each model and harvest is built where a lesson first needs it.
+    The kernels see ``DD_RESULTS_DIR=<root>/results``: ``make execute`` is what writes the
+    committed results (a learner's run of a lesson writes a scratch copy, see ``utils.paths``).
     """
+    root = root or repo_root()
+    if os.environ.get("DD_RESULTS_DIR") != str(root / "results"):
+        saved_results = os.environ.get("DD_RESULTS_DIR")
+        os.environ["DD_RESULTS_DIR"] = str(root / "results")  # the kernels inherit it
+        try:
+            return execute_solutions(paths, timeout=timeout, root=root, cold=cold)
+        finally:
+            if saved_results is None:
+                os.environ.pop("DD_RESULTS_DIR", None)
+            else:
+                os.environ["DD_RESULTS_DIR"] = saved_results
     if cold:
         saved = os.environ.get("DD_CACHE_DIR")
         with tempfile.TemporaryDirectory(prefix="dd-cold-cache-") as empty:
@@ -279,7 +292,6 @@ def execute_solutions(paths: list[Path] | None = None, *, timeout: int = 900,
                     os.environ["DD_CACHE_DIR"] = saved
     from nbclient import NotebookClient
 
-    root = root or repo_root()
     paths = paths or solution_paths(root)
     timings: dict[str, float] = {}
     caches: dict[str, str] = {}
@@ -320,7 +332,8 @@ def _cache_entries() -> set[str]:
     root = cache_dir()
     if not root.is_dir():
         return set()
-    return {f"{kind.name}/{entry.name}" for kind in root.iterdir() if kind.is_dir()
+    return {f"{kind.name}/{entry.name}" for kind in root.iterdir()
+            if kind.is_dir() and kind.name != "results"  # a learner's saved numbers, not a build
             for entry in kind.iterdir() if not entry.name.startswith(".")}
 
 

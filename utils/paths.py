@@ -17,8 +17,25 @@ def data_dir() -> Path:
 
 
 def results_dir() -> Path:
-    """Headline numbers saved by notebooks; ``DD_RESULTS_DIR`` overrides ``results/``."""
-    return Path(os.environ.get("DD_RESULTS_DIR", repo_root() / "results"))
+    """Where notebooks *save* their headline numbers (``utils.results.save_results``).
+
+    ``DD_RESULTS_DIR`` when it is set: ``make execute`` points it at the committed
+    ``results/``, ``make notebooks`` at a temporary folder. Otherwise a scratch folder that git
+    ignores, :func:`scratch_results_dir`, so a learner's run never changes a tracked file.
+    """
+    override = os.environ.get("DD_RESULTS_DIR")
+    return Path(override) if override else scratch_results_dir()
+
+
+def scratch_results_dir() -> Path:
+    """A learner's own results: ``.cache/distill-deploy/results/`` (follows ``DD_CACHE_DIR``)."""
+    return cache_dir() / "results"
+
+
+def committed_results_dir() -> Path:
+    """The tracked ``results/``: written by ``make execute`` and ``make experiments``; the
+    grids and headline numbers the lessons, tests and docs *read* live here."""
+    return repo_root() / "results"
 
 
 def cache_dir() -> Path:

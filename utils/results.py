@@ -1,7 +1,9 @@
 """Headline numbers of a notebook, saved as JSON with their provenance.
 
-Every notebook ends by saving what it measured to ``results/NN_topic.json``; the docs are
-generated from these files (``make results-doc``), never typed in.
+Every notebook ends by saving what it measured to ``NN_topic.json`` in
+:func:`utils.paths.results_dir`. A learner's run writes a scratch copy that git ignores
+(``.cache/distill-deploy/results/``); ``make execute`` writes the committed ``results/``, from
+which the docs are generated (``make results-doc``), never typed in.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.io import atomic_write_json
-from utils.paths import repo_root, results_dir
+from utils.paths import committed_results_dir, repo_root, results_dir, scratch_results_dir
 
 
 def cpu_name() -> str:
@@ -48,8 +50,20 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (what a learner can find)."""
+    try:
+        return str(path.resolve().relative_to(repo_root()))
+    except ValueError:
+        return str(path)
+
+
 def save_results(name: str, results: dict[str, Any]) -> Path:
-    """Write ``results/<name>.json`` atomically, adding a ``provenance`` entry."""
+    """Write ``<results_dir()>/<name>.json`` atomically, adding a ``provenance`` entry.
+
+    Without ``DD_RESULTS_DIR`` (a learner's run) the file goes to the scratch folder and one
+    line says where; ``make execute`` sets ``DD_RESULTS_DIR`` to the committed ``results/``.
+    """
     if not name or "/" in name or name.endswith(".json"):
         raise ValueError(f"name should look like '01_distillation_theory', got {name!r}")
     payload = dict(results)
@@ -57,14 +71,24 @@ def save_results(name: str, results: dict[str, Any]) -> Path:
     path = results_dir() / f"{name}.json"
     # Round-trip through JSON now so a non-serialisable value fails before anything is written.
     json.loads(json.dumps(payload))
-    return atomic_write_json(path, payload)
+    atomic_write_json(path, payload)
+    if path.parent == scratch_results_dir():
+        print(f"results of this run: {_shown(path)} (your copy, ignored by git; the committed "
+              f"results/{name}.json is rewritten only by `make execute`)")
+    return path
 
 
 def load_results(name: str) -> dict[str, Any]:
-    """Read ``results/<name>.json``; a clear error says which notebook makes it."""
-    path = results_dir() / f"{name}.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist yet: run solutions/{name}.ipynb (or `make execute`) first."
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+    """Read ``<name>.json`` from :func:`results_dir`, else the committed ``results/`` copy.
+
+    A lesson that reads what an earlier one saved sees the learner's own run when there is one
+    (the scratch folder) and the committed numbers otherwise.
+    """
+    candidates = [results_dir() / f"{name}.json", committed_results_dir() / f"{name}.json"]
+    for path in candidates:
+        if path.exists():
+            return json.loads(path.read_text(encoding="utf-8"))
+    raise FileNotFoundError(
+        f"{candidates[0]} does not exist yet: run solutions/{name}.ipynb (or `make execute`) "
+        "first."
+    )
