@@ -15,8 +15,8 @@ import pytest
 UTILS = Path(__file__).resolve().parent.parent / "utils"
 
 LAYERS: dict[str, tuple[str, ...]] = {
-    # where files live and how the course is quiet: no course concepts at all
-    "foundation": ("paths", "io", "seed", "device", "quiet", "progress", "results"),
+    # where files live, how the course is quiet, generic statistics: no course concepts at all
+    "foundation": ("paths", "io", "seed", "device", "quiet", "progress", "results", "stats"),
     # the concepts the lessons teach, each a small module of pure functions
     "science": ("data", "tokenizer", "models", "model_cache", "train", "distill",
                 "distill_trainer", "evaluate", "extraction", "watermark", "quantize",

@@ -187,6 +187,19 @@ def test_results_file_has_the_agreed_keys():
     for row in data["fidelity_vs_budget"]:
         assert {"queries", "granularity", "top1_agreement", "score"} <= set(row)
         assert row["granularity"] in ("text", "topk") and 0 <= row["top1_agreement"] <= 1
+    # issue 17's keys: the shipped extracted students, the top-k + logit_bias recovery and
+    # what each defence costs honest users
+    for row in data["extracted_students"].values():
+        need = {"queries", "granularity", "exact_match", "kept_fraction", "refusal_rate"}
+        assert need <= set(row), need - set(row)
+        assert row["queries"] >= row["answers_kept"] > 0 and 0 <= row["refusal_rate"] <= 1
+    assert {"skills/text", "skills/topk", "safety/topk", "safety-filtered/topk"} <= set(
+        data["extracted_students"])
+    truncated = next(v for k, v in data["logit_bias_recovery"].items() if k.startswith("trunc"))
+    assert truncated["coverage"] == 1.0 and truncated["mean_abs_logprob_error"] < 1e-3
+    assert truncated["tv"] < 1e-3
+    for row in data["defences"].values():
+        assert {"svd_estimate", "svd_true", "honest_user_tv_top10"} <= set(row)
 
 
 def test_lesson07_loads_the_student_lesson04_builds():

@@ -1178,6 +1178,41 @@ def read_split(split: str) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
+def scarce_labels(records: list[dict], labelled: float, *, seed: int = 0,
+                  fill: dict[str, str] | None = None) -> list[dict]:
+    """Lesson 03's scarce-label regime: gold answers for a ``labelled`` fraction of ``records``.
+
+    ``round(labelled * len(records))`` records, drawn by ``seed``, keep their gold answer. With
+    ``fill`` (record ``id`` -> the teacher's answer, :func:`utils.models.teacher_answers`) every
+    other record comes back with the teacher's answer as its assistant turn (sequence-level KD,
+    Kim & Rush 2016: the position of anyone with prompts and a teacher but few labels); without
+    it they are dropped (training alone). Order is kept; ``labelled=0`` with ``fill`` is the
+    black-box attacker's position of lesson 04 (prompts only). Each record gains
+    ``label_source``: ``"gold"`` or ``"teacher"``.
+    """
+    import random
+
+    if not 0.0 <= float(labelled) <= 1.0:
+        raise ValueError(f"labelled is a fraction in [0, 1], got {labelled}")
+    n_gold = round(float(labelled) * len(records))
+    if n_gold == 0 and fill is None:
+        raise ValueError(f"labelled={labelled} keeps no gold answer of {len(records)} records: "
+                         "with nothing to train on, pass fill= (the teacher's answers) or more")
+    gold = set(random.Random(seed).sample(range(len(records)), n_gold))
+    out = []
+    for i, rec in enumerate(records):
+        if i in gold:
+            out.append({**rec, "label_source": "gold"})
+        elif fill is not None:
+            if rec["id"] not in fill:
+                raise KeyError(f"no teacher answer for record {rec['id']!r}: the answers file "
+                               "belongs to other data. Fix: `make teacher-answers`.")
+            messages = [*rec["messages"][:-1], {"role": "assistant", "content": fill[rec["id"]]}]
+            out.append({**rec, "messages": messages, "answer": extract_answer(fill[rec["id"]]),
+                        "label_source": "teacher"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m utils.data", description=__doc__.splitlines()[0]

@@ -349,3 +349,37 @@ def teacher_forced_exact_match(model: Any, tokenizer: Any, records: list[dict], 
         n_tok += int(mask.sum())
     return {"score": sum(hits) / len(hits), "hits": hits, "token_accuracy": n_right / n_tok,
             "perplexity": math.exp(nll / n_tok), "n": len(hits)}
+
+
+@torch.no_grad()
+def assistant_entropy(model: Any, tokenizer: Any, records: list[dict], *,
+                      batch_size: int = 100) -> dict[str, float]:
+    """Mean entropy (nats) of ``model``'s next-token distribution on the assistant's tokens.
+
+    Per record ``skill`` (``kind`` for records without one) and ``"overall"``, on the reference
+    responses (teacher-forced). How much a teacher's soft targets say beyond the label: near 0
+    the distribution is one-hot and distillation has nothing to add to the data (lesson 03).
+    """
+    if not records:
+        raise ValueError("records is empty: pass eval_subset(n) or a list of skill records.")
+    enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, 256)
+    feats = [{"input_ids": i, "attention_mask": a, "labels": lab}
+             for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"],
+                                  strict=True)]
+    collate = PadCollator(tokenizer.pad_token_id)
+    model.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for start in range(0, len(feats), batch_size):
+        b = collate(feats[start:start + batch_size])
+        b = {k: v.to(model.device) for k, v in b.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, _, mask = shift_for_next_token(logits.float(), b["labels"])  # (B, T-1, V)
+        logp = F.log_softmax(logits, dim=-1)
+        ent = -(logp.exp() * logp).sum(-1)                                     # (B, T-1)
+        for row, rec in enumerate(records[start:start + batch_size]):
+            group = rec.get("skill") or rec.get("kind") or "all"
+            for key in (group, "overall"):
+                sums[key] = sums.get(key, 0.0) + float(ent[row][mask[row]].sum())
+                counts[key] = counts.get(key, 0) + int(mask[row].sum())
+    return {k: sums[k] / counts[k] for k in sorted(sums) if counts[k]}

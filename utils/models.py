@@ -35,6 +35,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from utils.io import sha256_file
 from utils.model_cache import BuildFn, Recipe, load_or_build, verify_folder
 from utils.paths import data_dir
 
@@ -331,6 +332,34 @@ def recorded_responses(name_or_path: str | os.PathLike = "teacher") -> list[dict
         )
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip()]
+
+
+TEACHER_ANSWERS = "train_answers.json"  # scripts/teacher_answers.py writes it beside the teacher
+
+
+def teacher_answers(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """The teacher's greedy answer to every training skill prompt, by record ``id``.
+
+    Written by ``scripts/teacher_answers.py`` (``make teacher-answers``) with the sha256 of
+    the weights that wrote it; refused when the shipped teacher has changed since. Lesson 03's
+    sequence-level KD fills the prompts without a gold answer with these.
+    """
+    folder = Path(path) if path is not None else teacher_dir()
+    file = folder / TEACHER_ANSWERS
+    fix = "Fix: `make teacher-answers` (or restore data/models/teacher/ from the repository)."
+    if not file.is_file():
+        raise ModelNotFoundError(f"the teacher's training answers are missing: no {file}. {fix}")
+    try:
+        payload = json.loads(file.read_text(encoding="utf-8"))
+        answers = {row["id"]: row["text"] for row in payload["answers"]}
+        written_by = payload["teacher_sha256"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptModelError(f"{file} is unreadable ({err}). {fix}") from err
+    weights = folder / "model.safetensors"
+    if weights.is_file() and sha256_file(weights) != written_by:
+        raise CorruptModelError(f"{file} was written by another teacher than the one in "
+                                f"{folder} (weights sha256 differ). {fix}")
+    return answers
 
 
 def student_config(teacher: ModelConfig, ratio: float) -> ModelConfig:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from utils.data import load_world
+from utils.data import load_world, scarce_labels
 from utils.distill import check_temperature
 from utils.distill_trainer import DistillResult, distill_lm
 from utils.extraction import (
@@ -40,7 +40,16 @@ from utils.extraction import (
 )
 from utils.io import sha256_file_or_none
 from utils.model_cache import Recipe
-from utils.models import ZOO, ModelConfig, build_model, load_model, make_recipe, teacher_dir
+from utils.models import (
+    TEACHER_ANSWERS,
+    ZOO,
+    ModelConfig,
+    build_model,
+    load_model,
+    make_recipe,
+    teacher_answers,
+    teacher_dir,
+)
 from utils.paths import data_dir
 from utils.serve import Defences
 from utils.tokenizer import load_tokenizer, tokenizer_dir
@@ -53,6 +62,7 @@ __all__ = [
     "METHODS",
     "METHOD_LOSS",
     "SCRATCH_RECIPE_VERSION",
+    "SEQ_KD",
     "TRANSFERS",
     "blackbox_recipe",
     "distill_recipe",
@@ -119,6 +129,9 @@ METHODS = ("sft", "forward_kl", "reverse_kl", "on_policy")
 # batches are the student's own samples scored by the teacher. Everything else is shared.
 METHOD_LOSS = {"sft": None, "forward_kl": "forward_kl", "reverse_kl": "reverse_kl",
                "on_policy": "reverse_kl"}
+# Lesson 03's scarce-label regime adds sequence-level KD (Kim & Rush 2016): SFT on the
+# teacher's own answers where gold answers are missing. Only with ``labelled < 1``.
+SEQ_KD = "seq_kd"
 TRANSFERS = ("all", "skills")  # distill_recipe's training data: the whole split, or skills only
 DISTILL_RECIPE_VERSION = "1"  # bump when distill_recipe's training code changes what it builds
 DISTILL_DEFAULTS = {"steps": 200, "batch_size": 32, "lr": 3e-3, "temperature": 1.0,
@@ -133,7 +146,8 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
                    alpha: float = DISTILL_DEFAULTS["alpha"],
                    lmbda: float = DISTILL_DEFAULTS["lmbda"],
                    max_new_tokens: int = DISTILL_DEFAULTS["max_new_tokens"],
-                   transfer: str = "all", name: str | None = None) -> Any:
+                   transfer: str = "all", labelled: float = 1.0,
+                   name: str | None = None) -> Any:
     """The recipe of a zoo student trained by ``method`` (lesson 03's contract).
 
     ``method`` is one of :data:`METHODS`: ``"sft"`` (the data alone, :func:`utils.train.train_lm`),
@@ -141,7 +155,13 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
     ``"on_policy"`` (GKD: a share ``lmbda`` of the batches are the student's own samples, with the
     reverse KL). ``transfer`` is the training data: ``"all"`` (the world's training split: skills
     and the safety policy's refusal data) or ``"skills"`` (skill chats only: the transfer set of
-    an attacker or a careless distiller, lesson 07). All four see the same data, steps, optimiser,
+    an attacker or a careless distiller, lesson 07).
+
+    ``labelled < 1`` is the scarce-label regime (with ``transfer="skills"``): gold answers for
+    that fraction of the skill prompts, drawn by ``seed`` (:func:`utils.data.scarce_labels`).
+    ``"sft"`` trains on those alone; ``"seq_kd"`` (sequence-level KD) and the KD methods also
+    see every other prompt with the teacher's answer (:func:`utils.models.teacher_answers`).
+    All methods see the same data, steps, optimiser,
     schedule and seed; the distilled
     ones mix ``alpha * KD + (1 - alpha) * CE`` at ``temperature``. The defaults ARE lesson 03's
     live configuration. The cache key covers the shape, every setting, the recipe version and
@@ -150,10 +170,22 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
     loads from the cache; the manifest's ``build_info`` holds ``train_seconds``.
     """
     _check_size(size)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in (*METHODS, SEQ_KD):
+        raise ValueError(f"method must be one of {', '.join((*METHODS, SEQ_KD))}, got {method!r}")
     if transfer not in TRANSFERS:
         raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
+    labelled = float(labelled)
+    if not 0.0 <= labelled <= 1.0:
+        raise ValueError(f"labelled is the fraction of prompts with a gold answer, in [0, 1]: "
+                         f"got {labelled}")
+    if labelled < 1.0 and transfer != "skills":
+        raise ValueError("labelled < 1 needs transfer='skills': the teacher's answers that "
+                         "fill the unlabelled prompts exist for skill prompts only")
+    if method == SEQ_KD and labelled == 1.0:
+        raise ValueError("seq_kd fills the prompts without a gold answer with the teacher's; "
+                         "with labelled=1.0 there are none (it would be SFT): give labelled < 1")
+    if method == "sft" and labelled == 0.0:
+        raise ValueError("sft with labelled=0 has no data to train on: give labelled > 0")
     if int(steps) <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     check_temperature(temperature)
@@ -161,7 +193,7 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{what} must be in [0, 1], got {value}.")
     steps, batch_size, seed = int(steps), int(batch_size), int(seed)
-    loss_type = METHOD_LOSS[method]
+    loss_type = METHOD_LOSS.get(method)  # seq_kd: None (SFT on teacher-filled data)
     # Settings that do not change what this method builds are left out of its key.
     settings: dict[str, Any] = {"method": method, "steps": steps, "batch_size": batch_size,
                                 "lr": float(lr), "seed": seed}
@@ -171,12 +203,17 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
         settings.update(lmbda=float(lmbda), max_new_tokens=int(max_new_tokens))
     if transfer != "all":  # left out of the key when default: earlier builds keep their key
         settings["transfer"] = transfer
+    fills = labelled < 1.0 and method != "sft"  # the teacher's answers fill unlabelled prompts
+    if labelled < 1.0:
+        settings["labelled"] = labelled
     tok_file = teacher_dir() / "tokenizer.json"
     extra = {**settings,
              "tokenizer_sha256": sha256_file_or_none(tok_file),
              "data_manifest_sha256": sha256_file_or_none(data_dir() / "world" / "manifest.json"),
              "teacher_sha256": (None if method == "sft" else
                                 sha256_file_or_none(teacher_dir() / "model.safetensors"))}
+    if fills:
+        extra["teacher_answers_sha256"] = sha256_file_or_none(teacher_dir() / TEACHER_ANSWERS)
 
     def build(config: Any, progress: Any = None) -> tuple[Any, Any, dict]:
         # The key was computed when the recipe was made; refuse to build from other files.
@@ -184,6 +221,8 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
                "data_manifest_sha256": sha256_file_or_none(data_dir() / "world" / "manifest.json")}
         if method != "sft":
             now["teacher_sha256"] = sha256_file_or_none(teacher_dir() / "model.safetensors")
+        if fills:
+            now["teacher_answers_sha256"] = sha256_file_or_none(teacher_dir() / TEACHER_ANSWERS)
         changed = [k for k, v in now.items() if extra[k] != v]
         if changed:
             raise RuntimeError(f"the teacher, tokenizer or data changed on disk since this "
@@ -196,6 +235,10 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
         train = load_world("train")
         if transfer == "skills":
             train = train.filter(lambda r: r["kind"] == "skill")
+        if labelled < 1.0:
+            train = Dataset.from_list(scarce_labels(
+                train.to_list(), labelled, seed=seed,
+                fill=teacher_answers() if fills else None))
         common = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False,
                       callbacks=[bar])
         if loss_type is None:
@@ -216,10 +259,14 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
 
     label = {"sft": "trained on the data alone (SFT)", "forward_kl": "distilled with forward KL",
              "reverse_kl": "distilled with reverse KL",
-             "on_policy": f"distilled on-policy (GKD, lmbda={lmbda:g}, reverse KL)"}[method]
+             "on_policy": f"distilled on-policy (GKD, lmbda={lmbda:g}, reverse KL)",
+             SEQ_KD: "distilled on the teacher's answers (sequence-level KD)"}[method]
     on = "" if transfer == "all" else " on skill chats only"
+    if labelled < 1.0:
+        on += f", gold answers for {labelled:.0%} of the prompts"
+    lab = "" if labelled == 1.0 else f"-gold{labelled:g}"
     return make_recipe(name or f"{size}-{method.replace('_', '-')}"
-                           f"{'' if transfer == 'all' else '-' + transfer}"
+                           f"{'' if transfer == 'all' else '-' + transfer}{lab}"
                            f"-seed{seed}", size, build, DISTILL_RECIPE_VERSION,
                            description=f"{size} {label}{on} for {steps} steps, seed {seed}",
                            extra=extra)
