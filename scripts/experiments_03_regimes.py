@@ -14,7 +14,11 @@ with a gold answer, drawn by the seed; the same draw for every method of a seed)
   full next-token distribution (white box) on the same sequences;
 - **abundant exact labels** (100%): ``sft`` vs ``forward_kl``, the honest case where the
   teacher's near one-hot distribution adds almost nothing to the label;
-- the **live** budget: 5% labels at a notebook's budget, the point lesson 03 re-runs.
+- the **live** budget: 5% labels at a notebook's budget, the point lesson 03 re-runs;
+- **from an SFT'd student** (``sft+500``, as GKD, Agarwal et al. 2024, and MiniLLM, Gu et al.
+  2024, run it): each seed's 5% long-budget SFT student trained 500 more steps by SFT on its gold
+  answers (the control), forward KL, reverse KL (mode-seeking) or on-policy GKD (a share of the
+  batches are the student's own samples scored by the teacher), all on every training prompt.
 
 Every method of a regime has the same steps, batch, optimiser, schedule and seeds (equal
 steps); ``train_seconds`` is measured per run (wall-clock: ``forward_kl`` also runs the teacher).
@@ -49,8 +53,12 @@ SIZE = "student-xs"
 REGIMES = (("scarce-5%", "live", 0.05, ("sft", "seq_kd")),
            ("scarce-5%", "long", 0.05, ("sft", "seq_kd", "forward_kl")),
            ("abundant", "long", 1.0, ("sft", "forward_kl")),
-           ("scarce-20%", "long", 0.2, ("sft", "seq_kd")))
-BUDGETS = {"live": 300, "long": 1500}
+           ("scarce-20%", "long", 0.2, ("sft", "seq_kd")),
+           ("scarce-5%", "sft+500", 0.05, ("sft", "forward_kl", "reverse_kl", "on_policy")))
+BUDGETS = {"live": 300, "long": 1500, "sft+500": 500}
+# Budgets that continue from the same seed's long-budget SFT student (GKD and MiniLLM start
+# from a student fine-tuned on the data): their "sft" row is SFT continued for as many steps.
+WARM_STARTS = {"sft+500": "long"}
 SCORE = ("teacher-forced greedy exact match on every skill prompt of the test split: the argmax "
          "reproduces every token of the gold response (and its end token)")
 
@@ -78,11 +86,17 @@ def budgets(quick: bool) -> dict[str, int]:
     return {k: 3 for k in BUDGETS} if quick else dict(BUDGETS)
 
 
-def recipe(method: str, labelled: float, steps: int, seed: int):
+def recipe(method: str, labelled: float, steps: int, seed: int, budget: str = "long",
+           quick: bool = False):
+    """One run's recipe; a warm-started budget starts from that seed's SFT student."""
     from utils.recipes import distill_recipe
 
+    init = None
+    if budget in WARM_STARTS:
+        init = recipe("sft", labelled, budgets(quick)[WARM_STARTS[budget]], seed,
+                      WARM_STARTS[budget], quick)
     return distill_recipe(SIZE, method, steps=steps, seed=seed, transfer="skills",
-                          labelled=labelled)
+                          labelled=labelled, init=init)
 
 
 def test_records(quick: bool) -> list[dict]:
@@ -100,7 +114,7 @@ def run_one(regime: str, budget: str, labelled: float, method: str, steps: int, 
     from utils.model_cache import entry_dir, read_manifest
     from utils.models import count_parameters, load_model
 
-    r = recipe(method, labelled, steps, seed)
+    r = recipe(method, labelled, steps, seed, budget, quick)
     was_cached = entry_dir(r).is_dir()
     model, tokenizer = load_model(r, progress=False, verbose=False)
     info = read_manifest(entry_dir(r))["build_info"]
@@ -115,7 +129,7 @@ def run_one(regime: str, budget: str, labelled: float, method: str, steps: int, 
             "score_per_skill": {k: sum(v) / len(v) for k, v in sorted(per_skill.items())},
             "train_seconds": info["train_seconds"], "train_threads": info.get("torch_threads"),
             "tokens_seen": info.get("tokens_seen"), "from_cache": was_cached,
-            "name": r.name, "cache_key": r.key()}
+            "init": r.extra.get("init"), "name": r.name, "cache_key": r.key()}
 
 
 def summarise(runs: list[dict]) -> list[dict]:

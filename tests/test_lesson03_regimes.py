@@ -103,6 +103,29 @@ def test_regime_recipes_validate_their_arguments_and_get_their_own_keys():
         "student-xs", "sft", transfer="skills", labelled=0.05).extra  # SFT reads no teacher
 
 
+def test_a_warm_started_recipe_names_its_start_in_its_key_and_starts_from_its_weights(tmp_path,
+                                                                                     monkeypatch):
+    from utils.model_cache import entry_dir
+    from utils.models import load_model
+
+    monkeypatch.setenv("DD_CACHE_DIR", str(tmp_path))
+    sft = distill_recipe("student-xxs", "sft", steps=2, batch_size=4, transfer="skills",
+                         labelled=0.05)
+    warm = distill_recipe("student-xxs", "forward_kl", steps=1, batch_size=4, lr=1e-9,
+                          transfer="skills", labelled=0.05, init=sft)
+    cold = distill_recipe("student-xxs", "forward_kl", steps=1, batch_size=4, lr=1e-9,
+                          transfer="skills", labelled=0.05)
+    assert warm.key() != cold.key() and warm.extra["init"] == f"{sft.name}-{sft.key()}"
+    assert "init" not in cold.extra and "from-sft" in warm.name
+    with pytest.raises(ValueError, match="student-xs student"):
+        distill_recipe("student-xs", "forward_kl", init=sft)
+    start, _ = load_model(sft, verbose=False, progress=False)
+    after, _ = load_model(warm, verbose=False, progress=False)  # one step at lr 1e-9
+    assert entry_dir(sft).is_dir() and entry_dir(warm).is_dir()
+    for (name, a), b in zip(start.state_dict().items(), after.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), f"{name} did not start from the SFT student"
+
+
 # --- the teacher's committed answers ---------------------------------------------------------
 
 def test_the_teachers_answers_cover_every_training_skill_prompt():
@@ -192,7 +215,9 @@ def test_committed_regime_grid_has_provenance_schema_and_five_seeds():
     names = {(r["regime"], r["budget"], r["method"]) for r in grid["regimes"]}
     for need in [("scarce-5%", "long", m) for m in ("sft", "seq_kd", "forward_kl")] + [
             ("scarce-20%", "long", m) for m in ("sft", "seq_kd")] + [
-            ("abundant", "long", m) for m in ("sft", "forward_kl")]:
+            ("abundant", "long", m) for m in ("sft", "forward_kl")] + [
+            ("scarce-5%", "sft+500", m) for m in ("sft", "forward_kl", "reverse_kl",
+                                                   "on_policy")]:
         assert need in names, f"the grid lacks {need}"
     for row in grid["regimes"]:
         assert len(row["seeds"]) >= 5 and len(row["scores"]) == len(row["seeds"])
@@ -244,5 +269,9 @@ def test_regime_script_runs_end_to_end_quickly(tmp_path):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     grid = json.loads(out.read_text(encoding="utf-8"))
-    assert grid["provenance"]["quick"] is True and len(grid["runs"]) == 2 * 9
+    assert grid["provenance"]["quick"] is True and len(grid["runs"]) == 2 * 13
+    sft_long = {r["seed"]: f"{r['name']}-{r['cache_key']}" for r in grid["runs"]
+                if (r["regime"], r["budget"], r["method"]) == ("scarce-5%", "long", "sft")}
+    warm = [r for r in grid["runs"] if r["budget"] == "sft+500"]
+    assert len(warm) == 2 * 4 and all(r["init"] == sft_long[r["seed"]] for r in warm)
     assert {r["regime"] for r in grid["regimes"]} == {"scarce-5%", "scarce-20%", "abundant"}

@@ -147,7 +147,7 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
                    lmbda: float = DISTILL_DEFAULTS["lmbda"],
                    max_new_tokens: int = DISTILL_DEFAULTS["max_new_tokens"],
                    transfer: str = "all", labelled: float = 1.0,
-                   name: str | None = None) -> Any:
+                   init: Recipe | None = None, name: str | None = None) -> Any:
     """The recipe of a zoo student trained by ``method`` (lesson 03's contract).
 
     ``method`` is one of :data:`METHODS`: ``"sft"`` (the data alone, :func:`utils.train.train_lm`),
@@ -161,6 +161,11 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
     that fraction of the skill prompts, drawn by ``seed`` (:func:`utils.data.scarce_labels`).
     ``"sft"`` trains on those alone; ``"seq_kd"`` (sequence-level KD) and the KD methods also
     see every other prompt with the teacher's answer (:func:`utils.models.teacher_answers`).
+
+    ``init``: start from the weights of another recipe's student of the same size (built
+    first when it is not cached) instead of a random initialisation: GKD and MiniLLM start
+    the distillation from a student fine-tuned on the data (``init=distill_recipe(size,
+    "sft", ...)``). Its cache key is part of this recipe's key.
     All methods see the same data, steps, optimiser,
     schedule and seed; the distilled
     ones mix ``alpha * KD + (1 - alpha) * CE`` at ``temperature``. The defaults ARE lesson 03's
@@ -188,6 +193,10 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
         raise ValueError("sft with labelled=0 has no data to train on: give labelled > 0")
     if int(steps) <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    if init is not None and (not isinstance(init, Recipe) or init.size != size):
+        raise ValueError(f"init must be the recipe of a {size} student (e.g. "
+                         f"distill_recipe({size!r}, 'sft', ...)), got "
+                         f"{getattr(init, 'name', type(init).__name__)!r}")
     check_temperature(temperature)
     for what, value in (("alpha", alpha), ("lmbda", lmbda)):
         if not 0.0 <= float(value) <= 1.0:
@@ -206,6 +215,8 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
     fills = labelled < 1.0 and method != "sft"  # the teacher's answers fill unlabelled prompts
     if labelled < 1.0:
         settings["labelled"] = labelled
+    if init is not None:  # left out of the key when absent: earlier builds keep their key
+        settings["init"] = f"{init.name}-{init.key()}"
     tok_file = teacher_dir() / "tokenizer.json"
     extra = {**settings,
              "tokenizer_sha256": sha256_file_or_none(tok_file),
@@ -232,6 +243,10 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
         bar = bar_callback(progress, steps)
         teacher, tokenizer = load_model("teacher", verbose=False, progress=False)
         student = build_model(config, seed=seed)
+        if init is not None:
+            start, _ = load_model(init, verbose=False, progress=False)
+            student.load_state_dict(start.state_dict())
+            del start
         train = load_world("train")
         if transfer == "skills":
             train = train.filter(lambda r: r["kind"] == "skill")
@@ -265,6 +280,9 @@ def distill_recipe(size: str = "student-xs", method: str = "forward_kl", *,
     if labelled < 1.0:
         on += f", gold answers for {labelled:.0%} of the prompts"
     lab = "" if labelled == 1.0 else f"-gold{labelled:g}"
+    if init is not None:
+        on += f", starting from {init.name}"
+        lab += "-from-" + init.name.removeprefix(f"{size}-").split("-")[0]
     return make_recipe(name or f"{size}-{method.replace('_', '-')}"
                            f"{'' if transfer == 'all' else '-' + transfer}{lab}"
                            f"-seed{seed}", size, build, DISTILL_RECIPE_VERSION,
