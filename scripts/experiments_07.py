@@ -7,16 +7,29 @@ is a script whose JSON output is committed with its provenance:
 
 For each model of :func:`utils.course_models.course_models` (a model that does not exist yet
 is skipped with a message): generation on every restricted, benign look-alike and jailbreak
-prompt of the test split, the course keyword judge, refusal / over-refusal / held-out
-jailbreak success with 95% Wilson intervals, exact match on every test skill prompt, the
-time per model, and the judge's verdict per prompt id (so a live subset can be compared).
+prompt of the test split, the course keyword judge and the harm judge
+(:class:`utils.safety.HarmJudge`), refusal / over-refusal / held-out jailbreak success /
+harmful rate with 95% Wilson intervals, exact match on every test skill prompt (with its
+interval), the time per model (loading, generation, judging, utility), and every verdict per
+prompt id (so a live subset can be compared and any two models tested prompt by prompt), and
+every response to a harmful request that the harm judge flags, with its score and steps, for a
+person to read.
+
+Then the statistics (lesson 07, issue 18): exact McNemar tests on the paired per-prompt
+verdicts of :data:`utils.course_models.GRID_PAIRS` (Holm-corrected over all of them), the
+held-out jailbreak success rate's interval with templates resampled as well as prompts
+(cluster bootstrap), and, for lesson 04's extracted students, the spread over their three
+seeds with a paired test of "refusals kept" against "refusals filtered" over the seeds.
 The teacher is evaluated twice to check that two runs are identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,10 +41,15 @@ silence_library_noise()
 import torch  # noqa: E402
 
 from utils.course_models import (  # noqa: E402
+    EXTRA_SEEDS,
+    EXTRACTED,
     ModelUnavailable,
     course_models,
     evaluate_course_model,
+    heldout_cluster_interval,
+    paired_verdict_tests,
     public_row,
+    seed_name,
     shipped_students_sha256,
     teacher_sha256,
 )
@@ -39,10 +57,49 @@ from utils.data import read_split  # noqa: E402
 from utils.io import atomic_write_json  # noqa: E402
 from utils.paths import committed_results_dir  # noqa: E402
 from utils.results import provenance  # noqa: E402
-from utils.safety import CourseKeywordJudge, safety_eval_set  # noqa: E402
+from utils.safety import CourseKeywordJudge, HarmJudge, prompt_of, safety_eval_set  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
+from utils.stats import paired_test  # noqa: E402
 
 GRID_NAME = "07_safety_grid"
+SECONDS_TARGET = 60  # issue 18: the whole evaluation of one model (load, generate, judge, utility)
+N_BOOT = 2000  # bootstrap resamples of the clustered interval
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def seed_summary(rows: dict[str, dict]) -> dict:
+    """Lesson 04's extracted students over their seeds: each rate per seed, mean and sample
+    standard deviation; and "refusals kept" vs "refusals filtered" paired over the seeds."""
+    metrics = ("refusal_rate", "over_refusal_rate", "heldout_jailbreak_success_rate",
+               "harmful_rate", "utility_score")
+    out: dict = {"variants": {}, "paired_over_seeds": {}}
+    for g in EXTRACTED:
+        names = {0: g} | {s: seed_name(g, s) for s in EXTRA_SEEDS}
+        have = {s: rows[n] for s, n in names.items() if n in rows}
+        if len(have) < 2:
+            continue
+        entry = {"seeds": sorted(have), "models": [names[s] for s in sorted(have)]}
+        for m in metrics:
+            values = [have[s][m] for s in sorted(have)]
+            entry[m] = values
+            entry[m + "_mean"] = statistics.mean(values)
+            entry[m + "_std"] = statistics.stdev(values)
+        out["variants"][g] = entry
+    a, b = "extracted-topk-safety", "extracted-topk-safety-filtered"
+    if a in out["variants"] and b in out["variants"]:
+        seeds = sorted(set(out["variants"][a]["seeds"]) & set(out["variants"][b]["seeds"]))
+        for m in metrics:
+            va = [out["variants"][a][m][out["variants"][a]["seeds"].index(s)] for s in seeds]
+            vb = [out["variants"][b][m][out["variants"][b]["seeds"].index(s)] for s in seeds]
+            t = paired_test(va, vb)
+            out["paired_over_seeds"][m] = {
+                "a": a, "b": b, "seeds": seeds, "mean_diff": t.mean_diff,
+                "std_diff": t.std_diff, "t": _finite(t.t), "p_value": t.p_value,
+                "sign_p_value": t.sign_p_value, "wins": t.wins, "losses": t.losses}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,43 +124,91 @@ def main(argv: list[str] | None = None) -> int:
     judge = CourseKeywordJudge()
     models = course_models(build_missing=args.build_missing, progress=False)
     wanted = [m for m in args.models.split(",") if m] or list(models)
-    rows, skipped, verdicts = [], {}, {}
+    harm_judge = HarmJudge()
+    rows, skipped, verdicts, harm_verdicts, utility_verdicts = [], {}, {}, {}, {}
+    seconds, by_name, held_intervals, harm_flagged = {}, {}, {}, []
+    prompts = [prompt_of(r) for r in records]
     determinism = None
     for name in wanted:
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             model, tokenizer = models[name].load()
         except ModelUnavailable as exc:
             print(f"skip {name}: {exc}", flush=True)
             skipped[name] = str(exc)
             continue
+        load_seconds = time.perf_counter() - start
         row = evaluate_course_model(name, model, tokenizer, records, judge, skill_records=skills,
                                     batch_size=args.batch_size,
                                     max_new_tokens=args.max_new_tokens,
                                     utility_max_new_tokens=args.utility_max_new_tokens,
-                                    num_threads=args.threads)
+                                    num_threads=args.threads, harm_judge=harm_judge)
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        # wall-clock parts, the total, and the CPU time of this process (with one thread about
+        # the wall-clock time on an idle core: the machine is shared, see load_average)
+        seconds[name] = {"load": round(load_seconds, 2), "safety": row["eval_seconds"],
+                         "harm_judge": row["harm_seconds"], "utility": row["utility_seconds"],
+                         "total": round(total, 2), "cpu": round(cpu, 2),
+                         "load_average": round(os.getloadavg()[0], 2)}
         if name == "teacher":
             again = evaluate_course_model(name, model, tokenizer, records, judge,
                                           batch_size=args.batch_size,
                                           max_new_tokens=args.max_new_tokens,
-                                          num_threads=args.threads)
+                                          num_threads=args.threads, harm_judge=harm_judge)
             determinism = {"model": name, "identical_responses":
                            again["_responses"] == row["_responses"],
                            "seconds": [row["eval_seconds"], again["eval_seconds"]]}
         verdicts[name] = "".join("1" if v else "0" for v in row["_refusals"])
-        rows.append(public_row(row) | {"kind": models[name].kind, "lesson": models[name].lesson,
-                                       "description": models[name].description})
-        print(f"{name:22s} refusal {row['refusal_rate']:.3f}  over-refusal "
+        harm_verdicts[name] = "".join("1" if v else "0" for v in row["_harmful"])
+        utility_verdicts[name] = "".join("1" if v else "0" for v in row["_correct"])
+        for i, (rec, flagged) in enumerate(zip(records, row["_harmful"], strict=True)):
+            if flagged and rec["should_refuse"]:  # every harm flag, to be read by a person
+                score = harm_judge.score(row["_responses"][i], prompts[i])
+                harm_flagged.append({"model": name, "id": rec["id"], "prompt": prompts[i],
+                                     "response": row["_responses"][i], "score": score.score,
+                                     "steps": list(score.steps), "reason": score.reason})
+        held_intervals[name] = heldout_cluster_interval(row["_refusals"], records,
+                                                        n_boot=N_BOOT, seed=0)
+        entry = models[name]
+        public = public_row(row) | {
+            "kind": entry.kind, "lesson": entry.lesson, "description": entry.description,
+            "heldout_jailbreak_cluster_ci": held_intervals[name]["cluster_bootstrap_ci"],
+            "load_seconds": seconds[name]["load"], "total_seconds": seconds[name]["total"]}
+        rows.append(public)
+        by_name[name] = public
+        print(f"{name:34s} refusal {row['refusal_rate']:.3f}  over-refusal "
               f"{row['over_refusal_rate']:.3f}  held-out ASR "
-              f"{row['heldout_jailbreak_success_rate']:.3f}  utility {row['utility_score']:.3f}"
-              f"  {row['eval_seconds']:.1f} s", flush=True)
+              f"{row['heldout_jailbreak_success_rate']:.3f}  harmful {row['harmful_rate']:.3f}"
+              f"  utility {row['utility_score']:.3f}  {total:.1f} s", flush=True)
+        del model
+    grid = {"verdicts": verdicts, "harm_verdicts": harm_verdicts,
+            "utility_verdicts": utility_verdicts}
+    tests = paired_verdict_tests(grid, records)
+    slowest = max(seconds, key=lambda n: seconds[n]["total"]) if seconds else None
+    slowest_cpu = max(seconds, key=lambda n: seconds[n]["cpu"]) if seconds else None
     out = args.out or committed_results_dir() / f"{GRID_NAME}.json"  # the committed grid
     payload = {
         "models": rows, "skipped": skipped, "determinism": determinism,
-        "judge": judge.name, "n_prompts": len(records), "n_utility": len(skills),
-        "prompt_ids": [r["id"] for r in records], "verdicts": verdicts,
+        "judge": judge.name, "harm_judge": harm_judge.name,
+        "n_prompts": len(records), "n_utility": len(skills),
+        "prompt_ids": [r["id"] for r in records], "utility_ids": [r["id"] for r in skills],
+        **grid,
+        "seconds": seconds,
+        "seconds_target": {
+            "target": SECONDS_TARGET, "slowest": slowest,
+            "slowest_seconds": seconds[slowest]["total"] if slowest else None,
+            "met": bool(slowest and seconds[slowest]["total"] <= SECONDS_TARGET),
+            "slowest_cpu": slowest_cpu,
+            "slowest_cpu_seconds": seconds[slowest_cpu]["cpu"] if slowest_cpu else None,
+            "met_cpu": bool(slowest_cpu and seconds[slowest_cpu]["cpu"] <= SECONDS_TARGET),
+            "threads": args.threads, "cpu_count": os.cpu_count()},
+        "paired_tests": tests,
+        "harm_flagged": harm_flagged,
+        "heldout_jailbreak_intervals": held_intervals,
+        "seeds": seed_summary(by_name),
         "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                      "utility_max_new_tokens": args.utility_max_new_tokens,
-                     "threads": args.threads},
+                     "threads": args.threads, "n_boot": N_BOOT},
         "teacher_sha256": teacher_sha256(),
         "students_sha256": shipped_students_sha256(),
         "provenance": provenance() | {"command": "python " + " ".join(
@@ -111,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             "processor": platform.processor() or platform.machine(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
+    significant = [t for t in tests if t["significant"]]
+    print(f"{len(tests)} paired McNemar tests, {len(significant)} significant after Holm:")
+    for t in significant:
+        print(f"  {t['metric']:26s} {t['a']} vs {t['b']}: {t['rate_a']:.3f} vs {t['rate_b']:.3f}"
+              f" ({t['b10']}/{t['b01']} discordant), p = {t['p_value']:.2g}")
     atomic_write_json(out, payload)
     print(f"wrote {out}")
     return 0

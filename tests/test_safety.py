@@ -487,6 +487,22 @@ def test_failing_examples_and_report_card(tmp_path):
         write_report_card([], tmp_path / "x.md")
 
 
+def test_report_card_shows_the_harm_judges_rate(tmp_path):
+    recs = _records()
+    rep_s = safety_report(recs, RESPONSES, XSTestStringMatch(), model="student")
+    rep_t = safety_report(recs, RESPONSES, XSTestStringMatch(), model="teacher")
+    plain = write_report_card([rep_t, rep_s], tmp_path / "plain.md").read_text()
+    assert "harmful rate" not in plain.lower()
+    harm = Rate.of(1, 6)
+    text = write_report_card([rep_t, rep_s], tmp_path / "card.md",
+                             harmful={"student": harm}).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    assert header.endswith("| harmful rate |") and "harm judge" in text
+    student = next(line for line in text.splitlines() if line.startswith("| student"))
+    teacher = next(line for line in text.splitlines() if line.startswith("| teacher"))
+    assert student.endswith(f"| {harm} |") and teacher.endswith("| n/a |")
+
+
 def test_rate_dataclass_of():
     r = Rate.of(1, 4)
     assert (r.k, r.n, r.rate) == (1, 4, 0.25) and (r.low, r.high) == wilson_interval(1, 4)

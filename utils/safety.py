@@ -779,9 +779,11 @@ XSTEST_ENV = "DD_XSTEST_DIR"
 
 
 def xstest_dir() -> Path:
-    """``$DD_XSTEST_DIR``, else ``../shared/external/xstest`` beside the repository."""
-    env = os.environ.get(XSTEST_ENV)
-    return Path(env) if env else repo_root().parent / "shared" / "external" / "xstest"
+    """``$DD_XSTEST_DIR``, else the copy ``make xstest`` fetched into the course cache, else
+    ``../shared/external/xstest`` beside the repository (:func:`utils.xstest.xstest_dir`)."""
+    from utils.xstest import xstest_dir as _where
+
+    return _where()
 
 
 @dataclass
@@ -801,19 +803,18 @@ class XSTestData:
 def load_xstest(path: str | os.PathLike | None = None) -> XSTestData:
     """Read ``xstest_prompts.csv`` and ``model_completions/xstest_v2_completions_*.csv``.
 
-    The data (CC BY 4.0) is never copied into the repository: it is read from ``path``,
-    ``$DD_XSTEST_DIR`` or ``../shared/external/xstest``.
+    The data is never copied into the repository: it is read from ``path``, else
+    :func:`xstest_dir` (``$DD_XSTEST_DIR``, the copy ``make xstest`` fetched, pinned and
+    sha256-verified, or ``../shared/external/xstest``).
     """
     import pandas as pd
+
+    from utils.xstest import how_to_get
 
     root = Path(path) if path is not None else xstest_dir()
     prompts_csv = root / "xstest_prompts.csv"
     if not prompts_csv.exists():
-        raise FileNotFoundError(
-            f"XSTest not found: {prompts_csv} does not exist. Put the XSTest repository files "
-            "(xstest_prompts.csv and model_completions/) there, from "
-            f"https://github.com/paul-rottger/exaggerated-safety, or set {XSTEST_ENV} to their "
-            "folder.")
+        raise FileNotFoundError(f"XSTest not found at {root}: {how_to_get()}.")
     pdf = pd.read_csv(prompts_csv, dtype=str, keep_default_na=False)
     missing = {"id", "prompt", "type", "label"} - set(pdf.columns)
     if missing:
@@ -1324,12 +1325,15 @@ def _rows_table(rows: Sequence[Mapping[str, Any]], conf: int) -> list[str]:
 def write_report_card(report: SafetyReport | Sequence[SafetyReport], path: str | os.PathLike,
                       failing_examples: Mapping[str, Sequence[Mapping[str, Any]]]
                       | Sequence[Mapping[str, Any]] | None = None, *,
-                      title: str = "Safety report card", max_examples: int = 6) -> Path:
+                      title: str = "Safety report card", max_examples: int = 6,
+                      harmful: Mapping[str, Rate] | None = None) -> Path:
     """Write a markdown report card (atomically): headline rates with Wilson intervals, the
     breakdowns, and failing examples per model.
 
     ``failing_examples`` is a list (one model) or ``{model: list}`` of dicts with ``prompt``,
     ``response`` and optionally ``failure``/``kind``/``template`` (see :func:`failing_examples`).
+    ``harmful``: ``{model: Rate}`` of the harm judge (:func:`harmful_rate`), shown as a third
+    headline column beside the refusal judge's rates.
     """
     reports = [report] if isinstance(report, SafetyReport) else list(report)
     if not reports:
@@ -1346,10 +1350,17 @@ def write_report_card(report: SafetyReport | Sequence[SafetyReport], path: str |
     lines = [f"# {title}", "",
              f"Judge: `{reports[0].judge}`. Rates with {conf}% Wilson intervals. ASR = share of "
              "harmful requests answered (refusal rate = 1 - ASR); over-refusal = share of benign "
-             "requests refused.", "",
-             "| model | attack success rate | over-refusal |", "|---|---|---|"]
+             "requests refused." + (" Harmful rate = share of harmful requests whose response "
+                                    "fulfils them (harm judge, `harm_rules`)." if harmful else ""),
+             "",
+             "| model | attack success rate | over-refusal |" + (" harmful rate |" if harmful
+                                                                 else ""),
+             "|---|---|---|" + ("---|" if harmful else "")]
     for rep in reports:
-        lines.append(f"| {_md_escape(rep.model)} | {rep.attack_success} | {rep.over_refusal} |")
+        harm = f" {harmful[rep.model]} |" if harmful and rep.model in harmful else (
+            " n/a |" if harmful else "")
+        lines.append(f"| {_md_escape(rep.model)} | {rep.attack_success} | {rep.over_refusal} |"
+                     + harm)
     for rep in reports:
         lines += ["", f"## {rep.model}", ""]
         head = [r for r in rep.rows if r["by"] in ("all", "kind", "template_split")
