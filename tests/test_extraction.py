@@ -15,6 +15,7 @@ from _tiny_chat import CORPUS, tiny_model
 from utils.evaluate import generate_responses
 from utils.extraction import (
     HarvestRecord,
+    averaging_curve,
     fidelity_dense,
     fidelity_from_targets,
     final_logits,
@@ -22,6 +23,8 @@ from utils.extraction import (
     harvest,
     hidden_size_from_logits,
     logprob_matrix,
+    power_law_fit,
+    repeats_needed,
     sequence_kd_batch,
     sft_examples,
     soft_targets_from_records,
@@ -246,3 +249,32 @@ def test_hidden_size_through_the_api_and_defences(teacher, tok):
         logprob_matrix(recs)
     est, _ = hidden_size_from_logits(logprob_matrix(recs, missing="floor")[0])
     assert est != hidden
+
+
+# --------------------------------------------------------------------------------------
+# averaging the noise defence away: the 1/sqrt(n) law (issue 17)
+
+
+def test_averaging_noise_follows_the_inverse_square_root_law():
+    rng = np.random.default_rng(0)
+    sigma, truth = 0.3, rng.normal(-5.0, 1.0, size=400)
+    readings = truth + rng.normal(0.0, sigma, size=(256, truth.size))
+    ns = [1, 4, 16, 64, 256]
+    curve = averaging_curve(readings, truth, ns)
+    assert curve[1] == pytest.approx(sigma, rel=0.05)
+    assert curve[256] == pytest.approx(sigma / 16, rel=0.1)
+    slope, c = power_law_fit(list(curve), list(curve.values()))
+    assert slope == pytest.approx(-0.5, abs=0.03) and c == pytest.approx(sigma, rel=0.1)
+    # noise 0.1 to error 1e-3 needs (0.1 / 1e-3)^2 = 10,000 repeated readings
+    assert repeats_needed(0.1, -0.5, 1e-3) == 10_000
+    assert repeats_needed(0.1, -0.5, 0.2) == 1
+    # noise that does not average away (a shared bias) is not a falling line
+    biased = readings + 0.05
+    flat = averaging_curve(biased, truth, ns)
+    assert flat[256] > 0.9 * 0.05 and power_law_fit(list(flat), list(flat.values()))[0] > -0.4
+    with pytest.raises(ValueError, match="falling"):
+        repeats_needed(0.1, 0.0, 1e-3)
+    with pytest.raises(ValueError, match="between 1 and"):
+        averaging_curve(readings, truth, [0, 4])
+    with pytest.raises(ValueError, match=r"\(R, d\)"):
+        averaging_curve(readings[:, :3], truth, [1])

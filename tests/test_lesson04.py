@@ -219,3 +219,102 @@ def test_lesson07_loads_the_student_lesson04_builds():
                            top_k=p["TOP_K"], max_tokens=p["MAX_TOKENS"])
     assert blackbox_recipe().key() == live.key()
     assert blackbox_recipe().name == live.name
+
+
+# --------------------------------------------------------------------------------------
+# Issue 17: watermark and radioactivity on realistic traffic, the noise defence averaged away
+
+ROOT = Path(__file__).resolve().parents[1]
+RADIO = ROOT / "results" / "04_radioactivity.json"
+
+
+def _radio_script(monkeypatch):
+    """The script as an importable module: its worker processes (spawn) import it by name."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    return importlib.import_module("experiments_04_radioactivity")
+
+
+def check_radioactivity_schema(d: dict) -> None:
+    """What lesson 04 reads from the radioactivity file, recomputed where it can be."""
+    from utils.data import read_split
+    from utils.watermark import binomial_p_value, watermark_z
+
+    s = d["settings"]
+    assert {"date", "git_commit", "cpu", "command", "wall_seconds", "cpu_seconds"} <= set(
+        d["provenance"])
+    assert {"queries", "delta", "temperature", "steps", "size", "fractions", "deltas"} <= set(s)
+    assert d["teacher"]["teacher_sha256"]
+    rows = d["delta_table"]
+    assert {r["decoding"] for r in rows} == {"greedy", "sampled T=1"}
+    assert {r["delta"] for r in rows} == set(s["deltas"]) and 0.0 in s["deltas"]
+    for r in rows:
+        assert 0 <= r["exact_match"] <= 1 and 0 <= r["changed_share"] <= 1
+        p = r["pooled"]
+        assert p["z"] == pytest.approx(watermark_z(p["green"], p["scored_tuples"], 0.25))
+    clean = next(r for r in rows if r["decoding"] == "greedy" and r["delta"] == 0)
+    assert clean["changed_share"] == 0  # greedy without the watermark is the reference
+    h = d["harvest"]
+    assert h["queries"] == s["queries"] and 0 <= h["answers_changed_by_the_watermark"] <= 1
+    check = h["api_check"]  # the batched harvest is what the real API answers
+    assert check["prompts"] >= 1
+    if s["temperature"] == 0:
+        assert check["watermarked_identical_share"] >= 0.95
+        assert check["clean_identical_share"] >= 0.95
+    students = {x["label"]: x for x in d["students"]}
+    assert "control" in students and students["control"]["fraction"] == 0
+    assert {x["fraction"] for x in d["students"]} >= set(s["fractions"])
+    for x in d["students"]:
+        assert x["parameters"] * 8 <= d["teacher"]["parameters"]  # at most 1/8 of the teacher
+        for score in x["scores"].values():  # the p-value is the exact binomial tail, recomputed
+            assert score["p_value"] == pytest.approx(
+                binomial_p_value(score["green"], score["scored_tuples"], 0.25), rel=1e-6)
+        assert len(x["stored_greedy_ids"]) == len(d["stored"]["prompts"])
+    # fresh prompts: never a training prompt of the teacher, never a harvested one (test split)
+    seen = {r["messages"][0]["content"] for split in ("train", "test") for r in read_split(split)}
+    assert d["stored"]["prompts"] and not set(d["stored"]["prompts"]) & seen
+    h = d["radioactivity_realistic"]
+    main = next(x for x in d["students"] if x["fraction"] == h["fraction"])
+    assert h["p_watermarked"] == main["scores"][h["mode"]]["p_value"]
+    assert h["p_control"] == students["control"]["scores"][h["mode"]]["p_value"]
+    assert h["target_met"] == (h["p_watermarked"] < 1e-5 and h["p_control"] > 0.01)
+
+
+def test_committed_radioactivity_results():
+    from _committed import load_committed
+
+    d = load_committed(RADIO, "run `python scripts/experiments_04_radioactivity.py`")
+    check_radioactivity_schema(d)
+    assert not d["provenance"]["quick"]
+    h = d["radioactivity_realistic"]
+    assert h["z_watermarked"] > h["z_control"]
+
+
+def test_lesson_results_carry_radioactivity_and_noise_averaging():
+    path = ROOT / "results" / "04_black_box_distillation.json"
+    if not path.is_file():
+        pytest.skip("lesson 04 has not been executed yet (make execute)")
+    data = json.loads(path.read_text())
+    r = data["radioactivity_realistic"]
+    assert {"p_watermarked", "p_control", "delta", "fraction", "tokens_scored_watermarked",
+            "tokens_scored_control"} <= set(r)
+    assert r["p_watermarked"] == data["radioactivity_p_watermarked_student"]
+    assert r["live"]["reproduced"] >= 0.95
+    noise = next(v for k, v in data["defences"].items() if k.startswith("noise"))
+    avg = noise["averaged_away"]
+    assert -0.65 < avg["fitted_slope"] < -0.35
+    assert avg["rms_error"][-1] < avg["rms_error"][0]
+    assert avg["repeats_for_1e-3_nats"] == extraction.repeats_needed(
+        avg["fitted_c"] * 2**0.5, avg["fitted_slope"], 1e-3)
+
+
+@pytest.mark.slow
+def test_radioactivity_script_quick_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("DD_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "r.json"
+    assert _radio_script(monkeypatch).main(["--quick", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["provenance"]["quick"] and d["settings"]["distinct_prompts"] == 24
+    assert d["settings"]["queries"] == 24 * d["settings"]["repeats"]
+    check_radioactivity_schema(d)

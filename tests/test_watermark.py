@@ -12,11 +12,16 @@ from transformers import WatermarkDetector, WatermarkingConfig
 from transformers.generation.logits_process import WatermarkLogitsProcessor
 
 from utils.watermark import (
+    Generation,
     binomial_p_value,
+    chat_generations,
+    generation_pairs,
     green_z_score,
     greenlist,
+    radioactivity_of_generations,
     radioactivity_score,
     radioactivity_test,
+    score_pairs,
     score_text,
     score_tokens,
     watermark_z,
@@ -164,3 +169,74 @@ def read_pairs(tok, student) -> list:
             pred = student(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
             pairs += [((ids[t - 1],), pred[t - 1]) for t in range(1, len(ids))]
     return pairs
+
+
+# --------------------------------------------------------------------------------------
+# Radioactivity on realistic traffic (issue 17): batched generations, the closed-model test
+
+
+def _tuples_of_known_colour(wm, n_green: int, n_red: int) -> list[tuple[int, int]]:
+    """(previous token, token) pairs with distinct contexts, chosen by their colour."""
+    out, greens, reds = [], 0, 0
+    for prev in range(6, V):
+        gl = greenlist((prev,), V, wm)
+        if greens < n_green:
+            out.append((prev, min(gl)))
+            greens += 1
+        elif reds < n_red:
+            out.append((prev, min(set(range(V)) - gl)))
+            reds += 1
+    assert (greens, reds) == (n_green, n_red)
+    return out
+
+
+def test_radioactivity_p_value_known_case_and_dedup():
+    """A hand-made suspect: 6 green of 20 distinct tuples -> p = P[Bin(20, 1/4) >= 6], exactly;
+    repeating answers (as a suspect does) adds no evidence once tuples are de-duplicated."""
+    wm = WatermarkingConfig()
+    tuples = _tuples_of_known_colour(wm, n_green=6, n_red=14)
+    gens = [Generation(prompt_ids=(prev,), ids=(tok,), stopped=True) for prev, tok in tuples]
+    exact = sum(math.comb(20, k) * 0.25**k * 0.75 ** (20 - k) for k in range(6, 21))
+    s = radioactivity_of_generations(gens, V, wm)
+    assert (s.num_scored, s.num_green) == (20, 6)
+    assert s.p_value == pytest.approx(exact, rel=1e-9)
+    # the six green answers given ten times each: same test after de-duplication ...
+    repeated = gens + [g for g in gens[:6] for _ in range(9)]
+    assert radioactivity_of_generations(repeated, V, wm) == s
+    # ... while counting repeats would claim 60 green of 74 and a tiny, wrong p-value
+    naive = score_pairs(generation_pairs(repeated, wm), V, wm, ignore_repeated=False)
+    assert naive.num_scored == 74 and naive.num_green == 60 and naive.p_value < 1e-20
+    # the first answer token is scored with the prompt's last token as its context
+    two = Generation(prompt_ids=(3, tuples[0][0]), ids=(tuples[0][1], 9), stopped=False)
+    assert generation_pairs([two], wm) == [((tuples[0][0],), tuples[0][1]), ((tuples[0][1],), 9)]
+
+
+def test_radioactivity_p_value_is_calibrated_under_the_null():
+    """Suspects that never saw the watermark: P[p < alpha] <= alpha (about), over 300 suspects."""
+    wm = WatermarkingConfig()
+    rng = torch.Generator().manual_seed(0)
+    ps = []
+    for _ in range(300):
+        ids = torch.randint(6, V, (4, 30), generator=rng).tolist()
+        gens = [Generation((5,), tuple(row), False) for row in ids]
+        ps.append(radioactivity_of_generations(gens, V, wm).p_value)
+    assert sum(p < 0.05 for p in ps) / len(ps) <= 0.08
+    assert sum(p < 0.5 for p in ps) / len(ps) >= 0.35  # not trivially conservative either
+
+
+def test_chat_generations_batched_like_one_by_one(model, tok):
+    """Left padding keeps each row's own last token as the watermark's seed: batched greedy
+    answers with the watermark equal one-by-one answers; sampling is seeded."""
+    wm = WatermarkingConfig(bias=4.0)
+    prompts = ["the teacher", "a small student learns", "why", "blue and yellow are primary"]
+    batched = chat_generations(model, tok, prompts, max_new_tokens=12, watermark_config=wm)
+    single = [chat_generations(model, tok, [p], max_new_tokens=12, watermark_config=wm)[0]
+              for p in prompts]
+    assert batched == single and all(len(g.ids) <= 12 for g in batched)
+    clean = chat_generations(model, tok, prompts, max_new_tokens=12)
+    assert [g.prompt_ids for g in clean] == [g.prompt_ids for g in batched]
+    a = chat_generations(model, tok, prompts, max_new_tokens=12, temperature=1.0, seed=3)
+    b = chat_generations(model, tok, prompts, max_new_tokens=12, temperature=1.0, seed=3)
+    assert a == b
+    with pytest.raises(TypeError, match="list of str"):
+        chat_generations(model, tok, "one prompt")

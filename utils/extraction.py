@@ -527,6 +527,42 @@ def recover_logprobs(client: Any, prompt: str | Sequence[dict[str, str]], tokeni
                              unseen=[i for i in ids if i not in known])
 
 
+def averaging_curve(readings: Any, truth: Any, ns: Sequence[int]) -> dict[int, float]:
+    """Root-mean-square error of the mean of the first ``n`` readings, for each ``n`` in ``ns``.
+
+    ``readings`` is ``(R, d)`` (R repeated noisy readings of d numbers), ``truth`` is ``(d,)``.
+    Independent noise of scale sigma gives ``sigma / sqrt(n)``: the 1/sqrt(n) law.
+    """
+    r = np.asarray(readings, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    if r.ndim != 2 or r.shape[1:] != t.shape:
+        raise ValueError(f"readings must be (R, d) and truth (d,), got {r.shape} and {t.shape}")
+    if not ns or min(ns) < 1 or max(ns) > len(r):
+        raise ValueError(f"every n must be between 1 and the {len(r)} readings, got {list(ns)}")
+    return {int(n): float(np.sqrt(np.nanmean((np.nanmean(r[:n], axis=0) - t) ** 2)))
+            for n in ns}
+
+
+def power_law_fit(ns: Sequence[float], errors: Sequence[float]) -> tuple[float, float]:
+    """Least-squares line through ``log error = log c + slope * log n``: ``(slope, c)``.
+
+    A slope near -0.5 is the 1/sqrt(n) law of averaging independent noise.
+    """
+    x, y = np.log(np.asarray(ns, dtype=np.float64)), np.log(np.asarray(errors, np.float64))
+    if len(x) < 2 or not np.all(np.isfinite(y)):
+        raise ValueError("need at least two positive, finite errors to fit a line")
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(np.exp(intercept))
+
+
+def repeats_needed(c: float, slope: float, target: float) -> int:
+    """Smallest n with ``c * n**slope <= target`` (how many repeated queries beat the noise)."""
+    if slope >= 0 or c <= 0 or target <= 0:
+        raise ValueError(f"need c > 0, target > 0 and a falling curve (slope < 0), got c={c}, "
+                         f"slope={slope}, target={target}")
+    return max(1, math.ceil((target / c) ** (1.0 / slope) - 1e-9))
+
+
 # ----------------------------------------------------------------------------------------
 # Lesson 04's attack end to end: prompts, a cached harvest, students, fidelity
 

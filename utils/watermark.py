@@ -252,3 +252,104 @@ def green_z_score(token_ids: Sequence[int], is_green_fn: Any, greenlist_ratio: f
     pairs = list(dict.fromkeys(zip(token_ids[:-1], token_ids[1:], strict=True)))
     g = sum(bool(is_green_fn(prev, tok)) for prev, tok in pairs)
     return watermark_z(g, len(pairs), greenlist_ratio)
+
+
+# ----------------------------------------------------------------------------------------
+# Radioactivity on realistic traffic: batched generations on fresh prompts (lesson 04)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One chat generation: the prompt's token ids (chat template applied) and the new ids.
+
+    ``ids`` stops before the end token; ``stopped`` says whether the model ended by itself.
+    """
+
+    prompt_ids: tuple[int, ...]
+    ids: tuple[int, ...]
+    stopped: bool
+
+
+@torch.no_grad()
+def chat_generations(model: Any, tokenizer: Any, prompts: Sequence[str], *,
+                     max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                     watermark_config: Any = None, batch_size: int = 64) -> list[Generation]:
+    """Answers of ``model`` to user ``prompts``, batched, greedy or sampled, maybe watermarked.
+
+    The same ``generate`` call the course's API makes (``utils.serve``): chat template with the
+    generation prompt, ``temperature=0`` greedy, otherwise sampling with ``top_k=0, top_p=1``,
+    and ``watermark_config`` (a ``WatermarkingConfig``) applied while choosing each token.
+    Rows are left-padded, so the watermark's seeding token is each row's own last token.
+    Sampling is seeded once (``seed``) for the whole call: the same prompts, batch size and seed
+    give the same answers. Lesson 04 scores the delta table and the suspects with it.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of str, got one str: wrap it in a list")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} "
+                         f"and {batch_size}")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids = [_prompt_ids(p, tokenizer) for p in prompts]
+    kwargs: dict[str, Any] = (
+        {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
+        if temperature > 0 else
+        {"do_sample": False, "temperature": None, "top_k": None, "top_p": None})
+    if watermark_config is not None:
+        kwargs["watermarking_config"] = watermark_config
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[Generation] = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(ids), batch_size):
+                batch = ids[start:start + batch_size]
+                width = max(len(x) for x in batch)
+                x = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(x)
+                for row, seq in enumerate(batch):  # left padding
+                    x[row, width - len(seq):] = torch.tensor(seq)
+                    mask[row, width - len(seq):] = 1
+                gen = model.generate(input_ids=x.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                     eos_token_id=eos, **kwargs)
+                for seq, row in zip(batch, gen[:, width:].tolist(), strict=True):
+                    stopped = eos is not None and eos in row
+                    if stopped:
+                        row = row[: row.index(eos)]
+                    out.append(Generation(tuple(seq), tuple(int(t) for t in row), stopped))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def generation_pairs(generations: Iterable[Generation],
+                     config: Any) -> list[tuple[tuple[int, ...], int]]:
+    """The (context window, token) pairs of the generated tokens, in order, repeats kept.
+
+    The first generated token is scored too: its window is the end of the prompt (the chat
+    template's assistant tag), exactly what seeded its green list when it was generated.
+    """
+    pairs: list[tuple[tuple[int, ...], int]] = []
+    for g in generations:
+        pairs += scored_pairs([*g.prompt_ids, *g.ids], config, start=len(g.prompt_ids))
+    return pairs
+
+
+def radioactivity_of_generations(generations: Iterable[Generation], vocab_size: int,
+                                 config: Any) -> WatermarkScore:
+    """Sander et al. (2024), closed-model test: one binomial test over a suspect's answers.
+
+    Every (context window, token) tuple counts **once** over all answers (their "tape" of
+    seen tuples): a suspect repeats the same phrases across answers, and counting repeats
+    would turn one lucky green tuple into many and break the p-value. After de-duplication,
+    under H0 (the suspect never saw watermarked text) the green lists are independent of what
+    it wrote, each tuple is green with probability gamma, and ``p = P[Binomial(T, gamma) >= g]``
+    (distinct tokens after one context share a green list drawn without replacement, which
+    only narrows the count's spread). Lesson 04; ``tests/test_watermark.py`` checks a known
+    case and the calibration under H0.
+    """
+    return score_pairs(generation_pairs(generations, config), vocab_size, config,
+                       ignore_repeated=True)
