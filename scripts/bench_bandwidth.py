@@ -4,6 +4,8 @@
 
 Prints GB/s with one thread and with every core, and the bandwidth bound on tokens/s for a
 few model sizes at 32, 16, 8 and 4 bits (weights only; the KV cache adds to the bytes read).
+``scripts/bench_scaling.py`` measures the same way (``utils.deploy.memory_bandwidth_gbps``)
+before and after its grid, for the share of the bound each runtime reaches (lesson 06).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     one = memory_bandwidth_gbps(args.size_mb, args.repeats, threads=1)
     every = memory_bandwidth_gbps(args.size_mb, args.repeats, threads=cores)
-    print(f"memory bandwidth: {one:.1f} GB/s with 1 thread, {every:.1f} GB/s with {cores}")
+    print(f"memory bandwidth: {one:.1f} GB/s with 1 thread, {every:.1f} GB/s with {cores} "
+          f"(1-minute load average {os.getloadavg()[0]:.2f})")
     bounds = {}
     print(f"{'params':>8} " + " ".join(f"{b:>3}-bit tok/s" for b in (32, 16, 8, 4)))
     for params in (1e6, 1e8, 1e9, 7e9):
@@ -45,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         atomic_write_json(args.json, {"bandwidth_gbps_1thread": one, "bandwidth_gbps_all": every,
                                       "cores": cores, "size_mb": args.size_mb,
-                                      "machine": platform.platform(), "bounds": bounds})
+                                      "machine": platform.platform(), "bounds": bounds,
+                                      # a busy machine measures less: say how busy it was
+                                      "loadavg": list(os.getloadavg())})
     return 0
 
 

@@ -231,6 +231,10 @@ def test_benchmark_onnxruntime_in_subprocess(model, files):
         assert 0 < row["time_to_first_token_ms"] < 10_000
         # ONNX Runtime's process holds no PyTorch: well under a torch process's ~300 MB.
         assert 10 < row["peak_rss_mb"] < 300
+        # every timed run is kept (for a median) with the load average after it
+        assert len(row["tokens_per_s_runs_1thread"]) == 1 == len(row["loadavg_1thread"])
+        assert max(row["tokens_per_s_runs_1thread"]) == row["tokens_per_s_1thread"]
+        assert len(row["loadavg_all"][0]) == 3 and min(row["loadavg_all"][0]) >= 0
     assert rows[0]["bytes"] == os.path.getsize(files["kv"])
     assert rows[0]["max_abs_logit_diff"] < 1e-4 and rows[0]["greedy_agreement"] == 1.0
     assert rows[1]["bytes"] < rows[0]["bytes"] / 2.5

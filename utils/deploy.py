@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -210,11 +211,18 @@ def export_onnx(model: Any, path: str | os.PathLike, *, with_cache: bool = True,
     return atomic_write_bytes(path, data)
 
 
-def load_onnx_session(path: str | os.PathLike, threads: int | None = 1):
+ORT_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+"""ONNX Runtime graph optimisation levels :func:`load_onnx_session` accepts (``all``: default)."""
+
+
+def load_onnx_session(path: str | os.PathLike, threads: int | None = 1, *,
+                      optimization: str = "all"):
     """An ``onnxruntime.InferenceSession`` on CPU with ``threads`` intra-op threads.
 
-    ``threads=None`` uses every core (``os.cpu_count()``). A missing or corrupt file raises
-    ``FileNotFoundError`` / ``ValueError`` naming the path and the fix (export it again).
+    ``threads=None`` uses every core (``os.cpu_count()``). ``optimization`` is the graph
+    optimisation level (:data:`ORT_OPTIMIZATION_LEVELS`; ``"all"`` is ONNX Runtime's default,
+    which fuses e.g. ``DynamicQuantizeLinear + MatMulInteger`` into one operator). A missing
+    or corrupt file raises ``FileNotFoundError`` / ``ValueError`` naming the path and the fix.
     """
     import onnxruntime as ort
 
@@ -222,7 +230,15 @@ def load_onnx_session(path: str | os.PathLike, threads: int | None = 1):
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX model at {path}: export it first with "
                                 f"utils.deploy.export_onnx(model, {str(path)!r})")
+    if optimization not in ORT_OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization must be one of {ORT_OPTIMIZATION_LEVELS}, "
+                         f"got {optimization!r}")
     opts = ort.SessionOptions()
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = {"disable": level.ORT_DISABLE_ALL,
+                                     "basic": level.ORT_ENABLE_BASIC,
+                                     "extended": level.ORT_ENABLE_EXTENDED,
+                                     "all": level.ORT_ENABLE_ALL}[optimization]
     opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -272,6 +288,39 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
     finally:
         Path(tmp).unlink(missing_ok=True)
     return dst
+
+
+def quantize_onnx_4bit(src: str | os.PathLike, dst: str | os.PathLike, *, block_size: int = 32,
+                       accuracy_level: int = 4) -> Path:
+    """Weight-only 4-bit quantization of an ONNX file to ``MatMulNBits`` (lesson 06).
+
+    ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` (round to
+    nearest, symmetric, one fp32 scale per ``block_size`` weights along the input dimension,
+    lesson 05's group-wise 4-bit) turns every ``MatMul`` with a constant weight into the
+    contrib operator ``MatMulNBits``, which has a CPU kernel in ONNX Runtime.
+    ``accuracy_level=4`` lets that kernel quantize the activations to int8 on the fly and use
+    integer dot products (AVX-VNNI / AVX512-VNNI where the CPU has them); ``0`` keeps fp32
+    activations. The tied ``lm_head`` stays fp32, as in :func:`quantize_onnx_int8`. Written
+    atomically.
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"no ONNX model at {src}: export it first with export_onnx")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                          accuracy_level=accuracy_level, bits=4)
+    with _quiet_export():  # the quantizer logs every node it rewrites
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+        quantizer.process()
+    data = quantizer.model.model.SerializeToString()
+    return atomic_write_bytes(dst, data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -941,15 +990,16 @@ def _state_dict_bytes(state: Any, _seen: set | None = None) -> int:
 
 
 class _OrtRunner:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, optimization: str = "all") -> None:
+        self.path, self.optimization = path, optimization
         self.bytes = file_bytes(path)
         self.sessions: dict[int, Any] = {}
         self.session = self._session(1)
 
     def _session(self, threads: int):
         if threads not in self.sessions:
-            self.sessions[threads] = load_onnx_session(self.path, threads=threads)
+            self.sessions[threads] = load_onnx_session(self.path, threads=threads,
+                                                       optimization=self.optimization)
         return self.sessions[threads]
 
     def set_threads(self, threads: int) -> None:
@@ -1024,7 +1074,7 @@ def _bench_worker(spec_path: str) -> None:
     if runtime in ("pytorch", "pytorch-int8"):
         runner: Any = _TorchRunner(path, int8=runtime == "pytorch-int8")
     elif runtime == "onnxruntime":
-        runner = _OrtRunner(path)
+        runner = _OrtRunner(path, spec.get("optimization", "all"))
     else:
         runner = _ExecuTorchRunner(path, thread_counts[0])
     result: dict[str, Any] = {"bytes": int(runner.bytes)}
@@ -1032,14 +1082,17 @@ def _bench_worker(spec_path: str) -> None:
     for threads in thread_counts:
         runner.set_threads(threads)
         runner.generate(ids, n)  # warm-up: first calls allocate memory and pick kernels
-        ttft, speed = [], []
+        ttft, speed, loads = [], [], []
         for _ in range(repeats):
             tokens, prefill_s, decode_s = runner.generate(ids, n)
             ttft.append(prefill_s * 1e3)
             speed.append((n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan"))
+            loads.append(list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
         # Best of the repeats: the least disturbed run (timeit's advice on a shared machine).
         result[f"time_to_first_token_ms_{threads}"] = float(np.min(ttft))
         result[f"tokens_per_s_{threads}"] = float(np.max(speed))
+        result[f"tokens_per_s_runs_{threads}"] = [float(v) for v in speed]
+        result[f"loadavg_{threads}"] = loads
     np.save(out_dir / "logits.npy", runner.logits(ids))
     np.save(out_dir / "tokens.npy", np.asarray(tokens, dtype=np.int64))
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -1047,8 +1100,8 @@ def _bench_worker(spec_path: str) -> None:
 
 
 def _run_bench_child(name: str, runtime: str, path: Path, ids: np.ndarray, threads: list[int],
-                     max_new_tokens: int, repeats: int,
-                     timeout_s: float) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+                     max_new_tokens: int, repeats: int, timeout_s: float,
+                     optimization: str = "all") -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Run ``python -m utils.deploy --bench`` once; its JSON result, logits and tokens."""
     from utils.paths import repo_root
 
@@ -1057,7 +1110,7 @@ def _run_bench_child(name: str, runtime: str, path: Path, ids: np.ndarray, threa
         np.save(out_dir / "input_ids.npy", ids)
         spec = {"runtime": runtime, "path": str(path.resolve()), "out_dir": str(out_dir),
                 "max_new_tokens": int(max_new_tokens), "repeats": int(repeats),
-                "threads": threads}
+                "threads": threads, "optimization": optimization}
         atomic_write_json(out_dir / "spec.json", spec)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(repo_root()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
@@ -1074,7 +1127,8 @@ def _run_bench_child(name: str, runtime: str, path: Path, ids: np.ndarray, threa
 
 def benchmark_runtime(name: str, runtime: str, path: str | os.PathLike, input_ids: Any, *,
                       max_new_tokens: int = 32, reference: dict[str, Any] | None = None,
-                      repeats: int = 3, timeout_s: float = 600) -> dict[str, Any]:
+                      repeats: int = 3, timeout_s: float = 600,
+                      optimization: str = "all") -> dict[str, Any]:
     """Measure one runtime in a fresh Python process, so its memory is its own (lesson 06).
 
     ``runtime``: ``"pytorch"`` or ``"pytorch-int8"`` (``path``: a ``save_pretrained`` folder;
@@ -1089,14 +1143,20 @@ def benchmark_runtime(name: str, runtime: str, path: str | os.PathLike, input_id
     has no file), ``time_to_first_token_ms`` (prefill + first token, 1 thread),
     ``tokens_per_s_1thread``, ``tokens_per_s_all`` (decode steps after the first token),
     ``peak_rss_mb`` (the child's peak resident memory: interpreter + runtime + model),
+    ``tokens_per_s_runs_1thread`` / ``tokens_per_s_runs_all`` (every timed run, for a median)
+    with ``loadavg_1thread`` / ``loadavg_all`` (``os.getloadavg()`` after each run),
     ``max_abs_logit_diff`` (prompt logits) and ``greedy_agreement`` (generated tokens), and
     ``top1_agreement`` (argmax of the prompt logits; teacher-forced, so one flip does not
     derail the rest). ExecuTorch runs one process per thread count (its pool is sized once);
     its Python runtime loads PyTorch, so its peak memory is not what the C++ runtime on a
-    phone would use. Timings on a shared machine are noisy: compare within one run.
+    phone would use. ``optimization``: ONNX Runtime's graph optimisation level. Timings on a
+    shared machine are noisy: compare within one run.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if optimization not in ORT_OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization must be one of {ORT_OPTIMIZATION_LEVELS}, "
+                         f"got {optimization!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path} for runtime {runtime!r}")
@@ -1109,7 +1169,8 @@ def benchmark_runtime(name: str, runtime: str, path: str | os.PathLike, input_id
     child: dict[str, Any] = {}
     for threads in groups:
         part, logits, tokens = _run_bench_child(name, runtime, path, ids, threads,
-                                                max_new_tokens, repeats, timeout_s)
+                                                max_new_tokens, repeats, timeout_s,
+                                                optimization)
         peak = max(child.get("peak_rss_mb", 0.0), part["peak_rss_mb"])
         child = {**part, **child, "peak_rss_mb": peak}  # the first child's arrays are kept
         if threads == groups[0]:
@@ -1123,6 +1184,11 @@ def benchmark_runtime(name: str, runtime: str, path: str | os.PathLike, input_id
         "time_to_first_token_ms_all": child[f"time_to_first_token_ms_{every}"],
         "tokens_per_s_1thread": child["tokens_per_s_1"],
         "tokens_per_s_all": child[f"tokens_per_s_{every}"],
+        # every timed run (the best of them is above) and os.getloadavg() after each run
+        "tokens_per_s_runs_1thread": child["tokens_per_s_runs_1"],
+        "tokens_per_s_runs_all": child[f"tokens_per_s_runs_{every}"],
+        "loadavg_1thread": child["loadavg_1"],
+        "loadavg_all": child[f"loadavg_{every}"],
         "peak_rss_mb": child["peak_rss_mb"],
         "max_abs_logit_diff": None,
         "greedy_agreement": None,
@@ -1134,6 +1200,100 @@ def benchmark_runtime(name: str, runtime: str, path: str | os.PathLike, input_id
         result["greedy_agreement"] = greedy_agreement(tokens, reference["tokens"])
         result["top1_agreement"] = greedy_agreement(logits.argmax(-1), ref_logits.argmax(-1))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Where quantization buys speed: the scaling grid (scripts/bench_scaling.py, lesson 06)
+# --------------------------------------------------------------------------------------------
+
+SCALING_VOCAB = 768  # the course tokenizer's vocabulary (the teacher's)
+SCALING_HEAD_DIM = 64
+
+
+def scaled_model_config(hidden_size: int, num_layers: int):
+    """The course's Llama shape scaled to ``hidden_size`` x ``num_layers`` (lesson 06's grid).
+
+    Head size 64 (``hidden_size / 64`` heads, no grouped-query attention), Llama's MLP width
+    of about 8/3 x hidden, the course tokenizer's 768-token vocabulary, tied embeddings: about
+    ``12 * hidden_size**2 * num_layers`` parameters. A ``utils.models.ModelConfig``.
+    """
+    from utils.models import ModelConfig
+
+    if hidden_size % SCALING_HEAD_DIM or num_layers < 1:
+        raise ValueError(f"hidden_size must be a multiple of {SCALING_HEAD_DIM} and num_layers "
+                         f">= 1, got {hidden_size} x {num_layers}")
+    return ModelConfig(vocab_size=SCALING_VOCAB, hidden_size=hidden_size, num_layers=num_layers,
+                       num_heads=hidden_size // SCALING_HEAD_DIM, max_position_embeddings=256,
+                       architecture="llama", tie_word_embeddings=True)
+
+
+SCALING_ROW_KEYS = ("size", "num_parameters", "runtime", "precision", "threads", "bytes",
+                    "tokens_per_s", "tokens_per_s_runs", "bandwidth_gbps",
+                    "bandwidth_bound_tokens_per_s", "share_of_bound", "loadavg")
+"""Fields of every row of ``results/06_scaling.json``'s ``rows``."""
+
+
+def validate_scaling(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a scaling result, after checking its schema and that every number is sane.
+
+    Every row has :data:`SCALING_ROW_KEYS`; speeds, bytes, bandwidths and bounds are positive
+    and finite; ``tokens_per_s`` is the median of ``tokens_per_s_runs``; ``share_of_bound`` is
+    ``tokens_per_s / bandwidth_bound_tokens_per_s``; each (size, runtime, precision, threads)
+    appears once. Anything else raises ``ValueError`` naming the row and the field, and the fix
+    (run ``scripts/bench_scaling.py`` again).
+    """
+    fix = "regenerate it with `.venv/bin/python scripts/bench_scaling.py`"
+    rows = result.get("rows") if isinstance(result, dict) else None
+    if not rows:
+        raise ValueError(f"the scaling result has no rows: {fix}")
+    seen = set()
+    for i, row in enumerate(rows):
+        missing = [k for k in SCALING_ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"scaling row {i} lacks {missing}: {fix}")
+        for key in ("num_parameters", "bytes", "tokens_per_s", "bandwidth_gbps",
+                    "bandwidth_bound_tokens_per_s", "share_of_bound", "threads"):
+            value = row[key]
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"scaling row {i} ({row['size']}, {row['runtime']} "
+                                 f"{row['precision']}): {key} = {value!r} is not a positive "
+                                 f"finite number: {fix}")
+        runs = np.asarray(row["tokens_per_s_runs"], dtype=float)
+        if runs.size == 0 or not np.all(np.isfinite(runs)) or np.any(runs <= 0):
+            raise ValueError(f"scaling row {i}: tokens_per_s_runs must be positive: {fix}")
+        if not math.isclose(row["tokens_per_s"], float(np.median(runs)), rel_tol=1e-9):
+            raise ValueError(f"scaling row {i}: tokens_per_s is not the median of its runs: {fix}")
+        share = row["tokens_per_s"] / row["bandwidth_bound_tokens_per_s"]
+        if not math.isclose(row["share_of_bound"], share, rel_tol=1e-6):
+            raise ValueError(f"scaling row {i}: share_of_bound != tokens_per_s / bound: {fix}")
+        key = (row["size"], row["runtime"], row["precision"], row["threads"])
+        if key in seen:
+            raise ValueError(f"scaling row {i} repeats {key}: {fix}")
+        seen.add(key)
+    return rows
+
+
+def scaling_speedups(rows: Sequence[dict[str, Any]], runtime: str, *, threads: int,
+                     base: str = "fp32", other: str = "int8") -> list[tuple[int, float]]:
+    """``(num_parameters, tokens/s of other / tokens/s of base)`` per size, smallest first,
+    for one runtime and thread count: like with like (same runtime, precisions compared)."""
+    speed = {(r["num_parameters"], r["precision"]): r["tokens_per_s"] for r in rows
+             if r["runtime"] == runtime and r["threads"] == threads}
+    sizes = sorted({n for n, p in speed if p == base} & {n for n, p in speed if p == other})
+    return [(n, speed[(n, other)] / speed[(n, base)]) for n in sizes]
+
+
+def speed_crossover(rows: Sequence[dict[str, Any]], runtime: str, *, threads: int,
+                    base: str = "fp32", other: str = "int8") -> int | None:
+    """Smallest measured size (parameters) from which ``other`` decodes faster than ``base``
+    at this size and every larger one, inside one runtime; ``None`` if it never does."""
+    ratios = scaling_speedups(rows, runtime, threads=threads, base=base, other=other)
+    crossing = None
+    for n, ratio in reversed(ratios):
+        if ratio <= 1.0:
+            break
+        crossing = n
+    return crossing
 
 
 if __name__ == "__main__":  # the benchmark subprocess: python -m utils.deploy --bench spec.json

@@ -46,7 +46,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -611,6 +611,39 @@ def save_packed(path: str | os.PathLike, packed: Mapping[str, QuantizedTensor],
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+def safetensors_breakdown(path: str | os.PathLike) -> dict[str, int]:
+    """Bytes of a safetensors file by part: Linear weights, embedding, norms, header (lesson 05).
+
+    Linear weights include their codes, scales and zero points (:func:`save_packed`'s
+    ``.qdata``, ``.scales``, ``.zeros``) or their float ``.weight``; ``header`` is what the
+    file holds beyond the tensors (the JSON header with names, shapes and metadata). The parts
+    sum to the file size. This is why a file shrinks less than its Linear weights: the
+    embedding and norms stay float.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    parts = {"linear weights": 0, "embedding": 0, "norms": 0, "other tensors": 0}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_slice(key)
+            n = math.prod(t.get_shape()) * _DTYPE_BYTES[t.get_dtype()]
+            if "embed_tokens" in key or key.startswith("lm_head"):
+                parts["embedding"] += n
+            elif "norm" in key:
+                parts["norms"] += n
+            elif key.endswith((".qdata", ".scales", ".zeros", ".weight", ".bias")):
+                parts["linear weights"] += n
+            else:
+                parts["other tensors"] += n
+    parts["header"] = path.stat().st_size - sum(parts.values())
+    return parts
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def load_packed(path: str | os.PathLike) -> tuple[dict[str, QuantizedTensor], dict[str, Tensor]]:
     """Read :func:`save_packed`'s file: ``(packed weights, other float tensors)``."""
     from safetensors import safe_open
@@ -755,6 +788,92 @@ def kl_and_flip_rate(ref_logits: Tensor, logits: Tensor,
                      mask: Tensor | None = None) -> tuple[float, float]:
     """``(kl_to_reference, top1_flip_rate)`` in one call (lesson 05's exercise)."""
     return kl_to_reference(ref_logits, logits, mask), top1_flip_rate(ref_logits, logits, mask)
+
+
+def scale_bits_per_weight(scale_bits: int, group_size: int, zero_point_bits: int = 0) -> float:
+    """Extra bits each weight pays for its group's scale (and zero point), lesson 05.
+
+    One ``scale_bits``-bit scale shared by ``group_size`` weights costs
+    ``scale_bits / group_size`` bits per weight: an fp32 scale at group 32 costs
+    32 / 32 = 1.0, an fp16 scale 16 / 32 = 0.5 (Q4_0: 4 + 0.5 = 4.5 bits per weight).
+    """
+    if scale_bits <= 0 or group_size <= 0 or zero_point_bits < 0:
+        raise ValueError("scale_bits and group_size must be positive, zero_point_bits >= 0")
+    return (scale_bits + zero_point_bits) / group_size
+
+
+def weight_statistics(model: nn.Module, bits: int = 4, group_size: int | None = 32
+                      ) -> list[dict[str, Any]]:
+    """Per quantizable Linear: shape, excess kurtosis, outlier share and round-trip SQNR.
+
+    ``kurtosis`` is the excess kurtosis of the weights (0 for a Gaussian; heavy tails, i.e.
+    a few large weights that stretch a group's scale, make it positive);
+    ``outlier_share`` the share of weights beyond 4 standard deviations of their matrix
+    (a Gaussian has 0.006 %); ``sqnr_db`` the signal-to-noise ratio of the
+    ``bits``/``group_size`` round trip; ``group_max_over_std`` the median over groups of
+    ``max|w| / std(w)`` inside the group, which sets how coarse the group's code step is
+    (lesson 05, why a model loses more at 4 bits).
+    """
+    rows = []
+    for name, lin in quantizable_linears(model).items():
+        w = lin.weight.detach().double()
+        z = (w - w.mean()) / w.std()
+        qt = quantize_groupwise(lin.weight.detach(), bits, group_size)
+        flat = w.flatten()
+        g = group_size or w.shape[1]
+        usable = (w.shape[1] // g) * g
+        groups = w[:, :usable].reshape(w.shape[0], -1, g) if usable else w[:, None, :]
+        ratio = groups.abs().amax(-1) / groups.std(-1).clamp_min(1e-12)
+        rows.append({"layer": name, "shape": tuple(w.shape),
+                     "kind": name.rsplit(".", 1)[-1],
+                     "kurtosis": float((z ** 4).mean() - 3.0),
+                     "outlier_share": float((z.abs() > 4).double().mean()),
+                     "group_max_over_std": float(ratio.median()),
+                     "sqnr_db": quantization_error(flat.float(),
+                                                   qt.dequantize().flatten().float())["sqnr_db"]})
+    return rows
+
+
+def layer_sensitivity(model: nn.Module, logits_fn: Any, reference: Sequence[tuple], bits: int = 4,
+                      group_size: int | None = 32) -> list[dict[str, Any]]:
+    """KL to the float model and top-1 flips when **one** Linear at a time is quantized.
+
+    ``logits_fn(model)`` returns batches ``(logits, labels, mask)`` on a fixed evaluation set,
+    and ``reference`` is ``logits_fn(model)`` of the float model. Each layer's weight is
+    round-tripped (``bits``, ``group_size``) in place, measured, then restored: the model is
+    unchanged afterwards. Token-weighted means over the batches. Lesson 05.
+    """
+    n = sum(int(mask.sum()) for _, _, mask in reference)
+    rows = []
+    for name, lin in quantizable_linears(model).items():
+        saved = lin.weight.detach().clone()
+        try:
+            with torch.no_grad():
+                lin.weight.copy_(quantize_groupwise(saved, bits, group_size)
+                                 .dequantize(saved.dtype))
+            batches = logits_fn(model)
+        finally:
+            with torch.no_grad():
+                lin.weight.copy_(saved)
+        kl = flips = 0.0
+        for (ref, _, mask), (got, _, _) in zip(reference, batches, strict=True):
+            k, f = kl_and_flip_rate(ref, got, mask)
+            kl, flips = kl + k * int(mask.sum()) / n, flips + f * int(mask.sum()) / n
+        rows.append({"layer": name, "kind": name.rsplit(".", 1)[-1], "kl_to_fp32": kl,
+                     "top1_flip_rate": flips})
+    return rows
+
+
+def top1_margins(batches: Sequence[tuple]) -> Tensor:
+    """Gap between the largest and second-largest logit at every kept position (lesson 05).
+
+    A small gap means a close call: the same rounding noise flips it more easily.
+    """
+    gaps = []
+    for logits, _, mask in batches:
+        top2 = logits.float().topk(2, dim=-1).values           # (B, T, 2)
+        gaps.append((top2[..., 0] - top2[..., 1])[mask.bool()])
+    return torch.cat(gaps)
 
 
 def latency_ms(model: nn.Module, input_ids: Tensor, repeats: int = 10, warmup: int = 2) -> float:
