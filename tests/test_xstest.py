@@ -1,7 +1,9 @@
 """XSTest (Roettger et al., NAACL 2024): loading and judge calibration against human labels.
 
-The data is read from outside the repository (``../shared/external/xstest`` or
-``$DD_XSTEST_DIR``); these tests skip with a clear message when it is absent.
+The data is read from outside the repository (``$DD_XSTEST_DIR``, the copy ``make xstest``
+fetched into the course cache, or ``../shared/external/xstest``); the tests on the real files
+skip with a clear message when it is absent. The fetch itself is tested on a toy folder served
+from a ``file://`` URL: no network.
 """
 
 from __future__ import annotations
@@ -140,3 +142,107 @@ def test_classifier_judge_trained_on_four_models_generalises_to_the_fifth(xstest
     assert got >= 0.90 and got > baseline, (got, baseline)
     loaded = ClassifierJudge.load(judge.save(tmp_path / "xstest_judge.json"))
     assert judge_agreement(loaded, test)["agreement"] == got
+
+
+# --- make xstest: the pinned fetch (utils.xstest) ------------------------------------------
+
+def _toy_source(tmp_path):
+    """A folder laid out like the XSTest repository, and its pinned sha256s."""
+    from utils.io import sha256_file
+
+    src = tmp_path / "upstream"
+    (src / "model_completions").mkdir(parents=True)
+    (src / "xstest_prompts.csv").write_text("id,prompt,type,label\n1,hi,homonyms,safe\n")
+    (src / "model_completions" / "xstest_v2_completions_toy.csv").write_text(
+        "id,type,prompt,completion,final_label\nv2-1,homonyms,hi,Hello!,1_full_compliance\n")
+    files = {rel: sha256_file(src / rel) for rel in
+             ("xstest_prompts.csv", "model_completions/xstest_v2_completions_toy.csv")}
+    return src, files
+
+
+def test_fetch_from_a_file_url_verifies_and_installs(tmp_path):
+    from utils.xstest import SOURCE_FILE, fetch, verify
+
+    src, files = _toy_source(tmp_path)
+    dest = tmp_path / "cache" / "xstest"
+    assert fetch(dest, base_url=src.as_uri(), files=files) == dest
+    assert verify(dest, files) == []
+    assert "commit" in (dest / SOURCE_FILE).read_text()
+    assert len(load_xstest(dest).completions["toy"]) == 1
+    # a verified copy is kept as it is (no second download: the source may be gone)
+    (src / "xstest_prompts.csv").unlink()
+    assert fetch(dest, base_url=src.as_uri(), files=files) == dest
+    assert [p.name for p in dest.parent.iterdir()] == ["xstest"]
+
+
+def test_wrong_checksum_is_refused_and_nothing_is_written(tmp_path):
+    from utils.xstest import ChecksumError, fetch, verify
+
+    src, files = _toy_source(tmp_path)
+    bad = dict(files)
+    bad["model_completions/xstest_v2_completions_toy.csv"] = "0" * 64
+    dest = tmp_path / "cache" / "xstest"
+    with pytest.raises(ChecksumError, match="differs from the pinned .*nothing was installed"):
+        fetch(dest, base_url=src.as_uri(), files=bad)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []  # no temporary leftovers
+    # an existing good copy survives a failed update untouched
+    fetch(dest, base_url=src.as_uri(), files=files)
+    before = {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    with pytest.raises(ChecksumError):
+        fetch(dest, base_url=src.as_uri(), files=bad, force=True)
+    assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+    assert [p.name for p in dest.parent.iterdir()] == ["xstest"]
+    assert verify(dest, bad) == ["model_completions/xstest_v2_completions_toy.csv has sha256 "
+                                 f"{files['model_completions/xstest_v2_completions_toy.csv'][:12]}"
+                                 "..., expected 000000000000..."]
+
+
+def test_missing_source_file_is_a_clear_error(tmp_path):
+    from utils.xstest import fetch
+
+    src, files = _toy_source(tmp_path)
+    with pytest.raises(ConnectionError, match="DD_XSTEST_DIR"):
+        fetch(tmp_path / "x", base_url=src.as_uri(), files=files | {"nope.csv": "0" * 64})
+    assert not (tmp_path / "x").exists()
+
+
+def test_pinned_files_match_the_repository_layout_and_local_copy():
+    from utils.xstest import XSTEST_FILES, verify
+
+    assert sorted(XSTEST_FILES) == ["model_completions/xstest_v2_completions_" + m + ".csv"
+                                    for m in sorted(XSTEST_MODELS)] + ["xstest_prompts.csv"]
+    if not (xstest_dir() / "xstest_prompts.csv").exists():
+        pytest.skip(f"no local XSTest copy at {xstest_dir()} to compare the sha256s with")
+    assert verify(xstest_dir()) == []
+
+
+def test_where_lesson_07_looks(tmp_path, monkeypatch):
+    from utils import xstest as xs
+
+    monkeypatch.delenv("DD_XSTEST_DIR", raising=False)
+    monkeypatch.setenv("DD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(xs, "sibling_dir", lambda: tmp_path / "no-sibling")
+    assert xstest_dir() == tmp_path / "cache" / "xstest"  # where `make xstest` would put it
+    with pytest.raises(FileNotFoundError) as err:
+        load_xstest()
+    message = str(err.value)
+    assert "make xstest" in message and "DD_XSTEST_DIR" in message and "\n" not in message
+    src, files = _toy_source(tmp_path)
+    xs.fetch(base_url=src.as_uri(), files=files)
+    assert load_xstest().path == tmp_path / "cache" / "xstest"
+    monkeypatch.setenv("DD_XSTEST_DIR", str(src))  # a local copy wins
+    assert xstest_dir() == src
+
+
+def test_cli_fetch_reports_a_bad_checksum(tmp_path):
+    import subprocess
+    import sys
+
+    src, _ = _toy_source(tmp_path)  # not the real files: every sha256 differs
+    proc = subprocess.run([sys.executable, "-m", "utils.xstest", "fetch", "--dest",
+                           str(tmp_path / "out"), "--url", src.as_uri()],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr and ("differs from the pinned" in proc.stderr
+                                        or "could not download" in proc.stderr)
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from utils.model_cache import verify_folder
 from utils.paths import data_dir, repo_root
+from utils.xstest import how_to_get, xstest_dir
 
 Status = Literal["pass", "warn", "fail"]
 
@@ -380,7 +381,7 @@ def check_data(root: str | os.PathLike | None = None,
     """The course data that exists in this checkout is present and readable.
 
     ``data/world/`` (``make data``), the shipped teacher ``data/models/teacher/``
-    (``make teacher``) and the optional XSTest prompts in ``../shared/external/xstest``.
+    (``make teacher``) and the optional XSTest files (:func:`utils.xstest.xstest_dir`).
     """
     data = Path(root) if root is not None else data_dir()
     rows = []
@@ -410,13 +411,13 @@ def check_data(root: str | os.PathLike | None = None,
         else:
             rows.append(CheckRow("teacher model", "pass",
                                  f"data/models/teacher: {n} files, {size / 1e6:.1f} MB"))
-    xstest = Path(external) if external is not None else (
-        repo_root().parent / "shared" / "external" / "xstest")
+    xstest = Path(external) if external is not None else xstest_dir()
     if xstest.is_dir() and any(xstest.iterdir()):
         rows.append(CheckRow("XSTest (optional)", "pass", str(xstest)))
     else:
         rows.append(CheckRow("XSTest (optional)", "pass",
-                             "not present; lesson 07 works without it"))
+                             "not present; lesson 07 skips only its judge calibration ("
+                             + how_to_get() + ")"))
     return rows
 
 
