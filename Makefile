@@ -54,9 +54,11 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)  ## create .venv and install the pinned stack, the Jupyter kernel and JupyterLab settings
 
 # The optional `mobile` extra (ExecuTorch, ~200 MB): the test suite covers it too.
+# (a variable: a comma inside $(call ...) would split the argument)
+MOBILE_SPEC := ".[dev,mobile]"
 $(MOBILE_STAMP): $(STAMP)
 	@echo "mobile extra: executorch (about 200 MB)"
-	@$(call pip_install,-e ".[dev,mobile]")
+	@$(call pip_install,-e $(MOBILE_SPEC))
 	@touch $(MOBILE_STAMP)
 
 install-mobile: $(MOBILE_STAMP)  ## add the optional mobile extra (ExecuTorch export and runtime)
@@ -107,11 +109,15 @@ lessons: $(STAMP)  ## regenerate lessons/ from solutions/
 execute: $(STAMP)  ## re-execute solutions/ in place from an empty cache (outputs, first-run times, the committed results/), then lessons
 	$(PY) -m utils.lessons execute --cold
 	$(PY) scripts/results_doc.py
+	$(PY) -m utils.grade --instructors-doc --write
 
 experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 04, 07): commit results/*_grid.json
 	$(PY) scripts/experiments_03.py
 	$(PY) scripts/experiments_04.py
+	$(PY) scripts/experiments_04_radioactivity.py
 	$(PY) scripts/experiments_07.py --build-missing
+	$(PY) scripts/experiments_07_erosion.py
+	$(PY) scripts/experiments_07_adaptive.py
 
 students: $(STAMP)  ## shipped students (about two hours on two cores): results/03_grid_long.json, results/04_extracted_students.json, data/models/students/ (lessons 03, 04, 06, 07)
 	$(PY) scripts/experiments_03.py --steps 3000 --sizes student-xs --methods sft forward_kl \
@@ -122,11 +128,61 @@ students: $(STAMP)  ## shipped students (about two hours on two cores): results/
 regimes: $(STAMP)  ## lesson 03's regime grid, scarce vs abundant labels x 5 seeds (about 90 min on two cores)
 	$(PY) scripts/experiments_03_regimes.py
 
+.PHONY: scaling
+scaling: $(STAMP)  ## lesson 06's decode speed vs model size (2M-227M, fp32/int8/4-bit, about 45 min) -> results/06_scaling.json, docs/BENCHMARKS.md
+	$(PY) scripts/bench_scaling.py
+
+.PHONY: erosion adaptive-attack
+erosion: $(STAMP)  ## lesson 07's erosion run (Qi et al. 2023): benign fine-tuning of the safety-aware student -> results/07_erosion.json
+	$(PY) scripts/experiments_07_erosion.py
+
+adaptive-attack: $(STAMP)  ## lesson 07's adaptive attack (random-search suffix) on the teacher and students -> results/07_adaptive.json
+	$(PY) scripts/experiments_07_adaptive.py
+
 results-doc: $(STAMP)  ## regenerate docs/RESULTS.md from results/*.json
 	$(PY) scripts/results_doc.py
 
 doctor: $(STAMP)  ## workshop preflight: is this machine ready? (under 20 s)
 	$(PY) -m utils.doctor
+
+# --- instructor's kit (docs/INSTRUCTORS.md) ---------------------------------------------------
+.PHONY: wheelhouse xstest grade
+
+# Every wheel of the pinned stack for a room without internet: the pins of pyproject.toml with
+# the extras in WHEELHOUSE_EXTRAS (or WHEELHOUSE_REQS instead), their dependencies, pip and the
+# build backend (for the editable install). Wheels fit this OS and CPU, and every Python from
+# WHEELHOUSE_PYTHON (the oldest that requires-python allows) up to the one building them.
+WHEELHOUSE ?= wheelhouse
+WHEELHOUSE_EXTRAS ?= dev,mobile
+WHEELHOUSE_REQS ?= $(shell $(PYTHON) -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; x = [e for e in sys.argv[1].split(",") if e]; print(" ".join(p["dependencies"] + [d for e in x for d in p["optional-dependencies"][e]]))' '$(WHEELHOUSE_EXTRAS)')
+WHEELHOUSE_TOOLS = pip $(shell $(PYTHON) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+WHEELHOUSE_PYTHON ?= $(shell $(PYTHON) -c 'import re, tomllib; print(re.search(r">=\s*([0-9.]+)", tomllib.load(open("pyproject.toml", "rb"))["project"]["requires-python"]).group(1))')
+WHEELHOUSE_LOG = $(WHEELHOUSE)/pip.log
+wheelhouse_args = $(foreach r,$(WHEELHOUSE_REQS) $(WHEELHOUSE_TOOLS),'$(r)')  # quoted: ">=" is no redirect
+wheelhouse_pip = $(PY) -m pip $(1) >>$(WHEELHOUSE_LOG) 2>&1 || { tail -n 30 $(WHEELHOUSE_LOG); \
+	  echo "pip failed: whole log in $(WHEELHOUSE_LOG)"; exit 1; }
+
+wheelhouse: | $(PY)  ## every wheel of the pinned stack in wheelhouse/, to install with --no-index where there is no internet
+	@mkdir -p $(WHEELHOUSE) && echo "--- make wheelhouse, $$(date)" >>$(WHEELHOUSE_LOG)
+	@echo "[1/4] wheels of $(words $(wheelhouse_args)) requirements and their dependencies into $(WHEELHOUSE)/ (torch is the largest)"
+	@$(call wheelhouse_pip,wheel --progress-bar off -w $(WHEELHOUSE) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(wheelhouse_args))
+	@echo "[2/4] the wheels Python $(WHEELHOUSE_PYTHON) needs where newer releases dropped it"
+	@$(call wheelhouse_pip,download --progress-bar off --python-version $(WHEELHOUSE_PYTHON) --only-binary=:all: --find-links $(WHEELHOUSE) -d $(WHEELHOUSE) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(wheelhouse_args))
+	@echo "[3/4] resolving everything again from $(WHEELHOUSE)/ alone (--no-index) for Python $(WHEELHOUSE_PYTHON), as an offline machine will"
+	@$(call wheelhouse_pip,install --dry-run --ignore-installed --no-index --find-links $(WHEELHOUSE) --python-version $(WHEELHOUSE_PYTHON) --only-binary=:all: --report $(WHEELHOUSE)/report.json $(wheelhouse_args))
+	@echo "[4/4] $(WHEELHOUSE)/requirements.txt: the exact versions"
+	@$(PY) -c 'import json, sys; r = json.load(open(sys.argv[1])); pins = sorted(i["metadata"]["name"] + "==" + i["metadata"]["version"] for i in r["install"]); open(sys.argv[2], "w").write("# make wheelhouse; offline: pip install --no-index --find-links DIR -r DIR/requirements.txt\n" + "\n".join(pins) + "\n")' $(WHEELHOUSE)/report.json $(WHEELHOUSE)/requirements.txt
+	@echo "ready: $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1) in $(WHEELHOUSE)/. On the offline machine (same OS and CPU, Python 3.11):"
+	@echo "  python3.11 -m venv .venv && PIP_NO_INDEX=1 PIP_FIND_LINKS=$(abspath $(WHEELHOUSE)) make install"
+
+xstest: $(STAMP)  ## fetch XSTest (prompts + 5 human-labelled completion sets, pinned, sha256-checked) into the course cache for lesson 07
+	$(PY) -m utils.xstest fetch
+
+# make grade SUBMISSIONS=folder-with-one-folder-per-learner [GRADES=grades.csv]
+SUBMISSIONS ?= submissions
+GRADES ?= grades.csv
+grade: $(STAMP)  ## run learners' notebooks (SUBMISSIONS=folder, one sub-folder per learner) and write GRADES=grades.csv
+	$(PY) -m utils.grade $(SUBMISSIONS) --out $(GRADES)
 
 clean:  ## remove caches (keeps .venv and the shipped models)
 	rm -rf .cache .pytest_cache .ruff_cache build *.egg-info

@@ -20,11 +20,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the concepts the lessons teach, each a small module of pure functions
     "science": ("data", "tokenizer", "models", "model_cache", "train", "distill",
                 "distill_trainer", "evaluate", "extraction", "watermark", "quantize",
-                "deploy", "safety", "serve", "digits"),
+                "deploy", "safety", "serve", "digits", "xstest",
+                "attacks"),
     # what builds and lists the course's own models from the science modules
     "orchestration": ("recipes", "course_models", "students"),
     # what runs the course itself: exercises' checks, notebooks, workshop tools
-    "teaching": ("checks", "lessons", "doctor", "lab"),
+    "teaching": ("checks", "lessons", "doctor", "lab", "grade"),
 }
 ORDER = list(LAYERS)
 # Narrower rules on top of the layers.

@@ -17,6 +17,7 @@ from utils.lessons import (
     generate_all,
     generate_lesson,
 )
+from utils.paths import repo_root
 
 SOLUTION_CODE = f"""# Exercise 1.2: the soft-target loss
 def kd_loss(student_logits, teacher_logits, temperature):
@@ -245,3 +246,16 @@ def test_execute_times_a_first_run_on_an_empty_cache_when_cold(tmp_path, monkeyp
     timings = (root / "docs" / "TIMINGS.md").read_text(encoding="utf-8")
     assert ("| built nothing |" if cold else "| warm |") in timings
     assert (root / "lessons" / "01_x.ipynb").exists()
+
+
+def test_every_notebook_sets_offline_mode_before_any_import():
+    """Started from a plain `jupyter lab` (not `make lab`), a lesson must still never download."""
+    for path in sorted((repo_root() / "solutions").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        setup = next((c for c in nb.cells if c.get("id") == "setup"), None)
+        assert setup is not None, f"{path.name} has no cell with id 'setup'"
+        lines = [ln for ln in setup.source.splitlines() if ln.strip()]
+        assert lines[:2] == ["import os", 'os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the '
+                             "course never downloads (README)"], (
+            f"{path.name}: the setup cell must start by setting HF_HUB_OFFLINE (before "
+            "transformers or huggingface_hub is imported)")
