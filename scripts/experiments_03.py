@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
+from utils.paths import display_path  # noqa: E402 - after the sys.path line above
 from utils.quiet import quiet_cpu_worker  # noqa: E402
 from utils.recipes import DISTILL_DEFAULTS  # noqa: E402 - after the sys.path line above
 
@@ -131,11 +132,6 @@ def summarise(runs: list[dict]) -> list[dict]:
     return out
 
 
-def _display_path(path: Path) -> str:
-    path = path.resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-
-
 def ship_student(row: dict, payload: dict, *, threads: int, root: Path | None = None,
                  eval_limit: int | None = None) -> Path:
     """Ship the first seed's student of one grid row (:func:`utils.students.ship_recipe`)."""
@@ -209,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                  if argv is None else "python scripts/experiments_03.py " + " ".join(argv),
                  "cpu": cpu_name(), "jobs": args.jobs, "threads_per_job": args.threads,
                  "wall_seconds": round(wall, 1), "quick": args.quick,
-                 "out": _display_path(Path(args.out)),
+                 "out": display_path(Path(args.out)),
                  "partial": bool(missing) or len(args.sizes) < len(GRID)
                  or len(args.methods) < len(GRID[0][1])})
     payload = {
@@ -220,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": {"params": count_parameters(teacher), "score": teacher_scored["score"],
                     "token_accuracy": teacher_scored["token_accuracy"],
                     "perplexity": teacher_scored["perplexity"],
-                    "weights": _display_path(teacher_dir()), "tokenizer_sha256": card_sha},
+                    "weights": display_path(teacher_dir()), "tokenizer_sha256": card_sha},
         "settings": {**DISTILL_DEFAULTS, "steps": args.steps, "seeds": args.seeds},
         "runs": runs,
         "summary": summarise(runs),
@@ -233,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = ship_student(row, payload, threads=args.threads * args.jobs,
                                   root=Path(args.ship_dir) if args.ship_dir else None,
                                   eval_limit=60 if args.quick else None)
-            print(f"  shipped {_display_path(folder)}")
+            print(f"  shipped {display_path(folder)}")
     if missing:
         print("  not in the cache, left out:",
               ", ".join(f"{m['size']} {m['method']}" for m in missing))

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
+from utils.paths import display_path  # noqa: E402 - after the sys.path line above
 from utils.quiet import quiet_cpu_worker  # noqa: E402 - after the sys.path line above
 
 SIZE = "student-xs"
@@ -180,11 +181,6 @@ def best_regime(summary: list[dict]) -> dict | None:
             "mean": best["mean"], "sft_mean": sft["mean"], **best["vs_sft"]}
 
 
-def _display_path(path: Path) -> str:
-    path = path.resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_cpu_worker(args.threads)
@@ -228,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                  + " ".join(argv),
                  "cpu": cpu_name(), "jobs": args.jobs, "threads_per_job": args.threads,
                  "wall_seconds": round(wall, 1), "quick": args.quick,
-                 "out": _display_path(Path(args.out))})
+                 "out": display_path(Path(args.out))})
     summary = summarise(runs)
     payload = {
         "provenance": prov,

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
+from utils.paths import display_path  # noqa: E402 - after the sys.path line above
 from utils.quiet import quiet_cpu_worker  # noqa: E402 - after the sys.path line above
 
 MODELS = ("teacher", "student-xs-extracted-topk-safety", "student-xs-forward-kl",
@@ -213,11 +214,6 @@ def headline(result: dict, budget: int) -> dict:
             "fixed_heldout_templates_harmful": fixed["harmful_success"]}
 
 
-def _display_path(path: Path) -> str:
-    path = path.resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_cpu_worker(args.threads)
@@ -288,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = Path(args.out)
     atomic_write_json(path, out)
-    print(f"wrote {_display_path(path)} in {wall:.0f} s")
+    print(f"wrote {display_path(path)} in {wall:.0f} s")
     return 0
 
 

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
+from utils.paths import display_path  # noqa: E402 - after the sys.path line above
 from utils.quiet import quiet_cpu_worker  # noqa: E402 - after the sys.path line above
 
 STEPS = (0, 25, 50, 100, 200, 400)
@@ -271,11 +272,6 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _display_path(path: Path) -> str:
-    path = path.resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_cpu_worker(args.threads)
@@ -350,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lr {f['lr']:g}: refusal {f['refusal_step0']:.1%} -> {f['refusal_last_mean']:.1%} "
               f"after {f['last_step']} steps ({f['seeds_significant']}/{f['n_seeds']} seeds "
               f"significant), utility {f['utility_step0']:.1%} -> {f['utility_last_mean']:.1%}")
-    print(f"wrote {_display_path(path)} in {wall:.0f} s")
+    print(f"wrote {display_path(path)} in {wall:.0f} s")
     return 0
 
 

@@ -9,7 +9,7 @@ prefix matcher for the world's phrasings; lesson 07 does refusal judges properly
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -313,6 +313,24 @@ def eval_subset(n: int = 200, split: str = "test") -> list[dict]:
     return skills[::len(skills) // n][:n]
 
 
+def _teacher_forced(model: Any, tokenizer: Any, records: list[dict], batch_size: int
+                    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One forward pass per batch of reference chats: ``(start, logits, labels, mask)``, shifted
+    for next-token prediction (``(B, T-1, V)`` logits; ``mask`` marks the assistant's tokens)."""
+    enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, 256)
+    feats = [{"input_ids": i, "attention_mask": a, "labels": lab}
+             for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"],
+                                  strict=True)]
+    collate = PadCollator(tokenizer.pad_token_id)
+    model.eval()
+    for start in range(0, len(feats), batch_size):
+        b = collate(feats[start:start + batch_size])
+        b = {k: v.to(model.device) for k, v in b.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, labels, mask = shift_for_next_token(logits.float(), b["labels"])
+        yield start, logits, labels, mask
+
+
 @torch.no_grad()
 def teacher_forced_exact_match(model: Any, tokenizer: Any, records: list[dict], *,
                                batch_size: int = 100) -> dict[str, Any]:
@@ -329,19 +347,9 @@ def teacher_forced_exact_match(model: Any, tokenizer: Any, records: list[dict], 
     """
     if not records:
         raise ValueError("records is empty: pass eval_subset(n) or a list of skill records.")
-    enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, 256)
-    feats = [{"input_ids": i, "attention_mask": a, "labels": lab}
-             for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"],
-                                  strict=True)]
-    collate = PadCollator(tokenizer.pad_token_id)
-    model.eval()
     hits: list[bool] = []
     nll, n_tok, n_right = 0.0, 0, 0
-    for start in range(0, len(feats), batch_size):
-        b = collate(feats[start:start + batch_size])
-        b = {k: v.to(model.device) for k, v in b.items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        logits, labels, mask = shift_for_next_token(logits.float(), b["labels"])  # (B, T-1, V)
+    for _, logits, labels, mask in _teacher_forced(model, tokenizer, records, batch_size):
         right = logits.argmax(-1) == labels                                        # (B, T-1)
         hits += (right | ~mask).all(-1).tolist()
         n_right += int((right & mask).sum())
@@ -362,19 +370,9 @@ def assistant_entropy(model: Any, tokenizer: Any, records: list[dict], *,
     """
     if not records:
         raise ValueError("records is empty: pass eval_subset(n) or a list of skill records.")
-    enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, 256)
-    feats = [{"input_ids": i, "attention_mask": a, "labels": lab}
-             for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"],
-                                  strict=True)]
-    collate = PadCollator(tokenizer.pad_token_id)
-    model.eval()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for start in range(0, len(feats), batch_size):
-        b = collate(feats[start:start + batch_size])
-        b = {k: v.to(model.device) for k, v in b.items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        logits, _, mask = shift_for_next_token(logits.float(), b["labels"])  # (B, T-1, V)
+    for start, logits, _, mask in _teacher_forced(model, tokenizer, records, batch_size):
         logp = F.log_softmax(logits, dim=-1)
         ent = -(logp.exp() * logp).sum(-1)                                     # (B, T-1)
         for row, rec in enumerate(records[start:start + batch_size]):

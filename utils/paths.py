@@ -11,6 +11,13 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository when inside it (for provenance and messages)."""
+    path = Path(path).resolve()
+    root = repo_root().resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def data_dir() -> Path:
     """Committed, generated data (``data/``)."""
     return repo_root() / "data"
