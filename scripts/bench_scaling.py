@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                     raw.append({**r, **quiet, "size": name, "runtime": runtime,
                                 "precision": precision, "round": round_})
                     atomic_write_json(raw_path, {"raw": raw, "sizes_info": _info_json(
-                        sizes_info), "bandwidth_runs": bw_runs, "args": vars(args) | {
-                        "out": str(args.out), "workdir": None}})
+                        sizes_info), "bandwidth_runs": bw_runs, "args": {
+                        k: str(v) if isinstance(v, Path) else v
+                        for k, v in vars(args).items()}})
                     print(f"[{name}] round {round_} {runtime:>11} {precision}: "
                           f"{np.median(r['tokens_per_s_runs_1thread']):8.1f} tok/s (1), "
                           f"{np.median(r['tokens_per_s_runs_all']):8.1f} ({cores}); "
