@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MOBILE_STAMP := $(VENV)/.installed-mobile
+BROWSER_STAMP := $(VENV)/.installed-browser
 KERNEL := distill-deploy
 # Where torch comes from. Empty: pip's default (this course's machines serve the CPU wheel).
 # Elsewhere on Linux, PyPI's torch is a multi-GB CUDA build; for the CPU wheel use
@@ -18,7 +19,8 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
 .PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute experiments \
-        doctor teacher teacher-answers data results-doc clean install-mobile students regimes
+        doctor teacher teacher-answers data results-doc clean install-mobile students regimes \
+        browser browser-test
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -63,21 +65,48 @@ $(MOBILE_STAMP): $(STAMP)
 
 install-mobile: $(MOBILE_STAMP)  ## add the optional mobile extra (ExecuTorch export and runtime)
 
+# The browser test (tests/test_browser.py) drives Debian's chromium with Playwright for Python:
+# the optional `browser` extra (Playwright's driver, no browser) from PyPI, and chromium from
+# apt. `playwright install` (Playwright's own browser download) is never used.
+BROWSER_SPEC := ".[dev,browser]"
+$(BROWSER_STAMP): $(STAMP)
+	@echo "browser extra: Playwright for Python (the browser itself is Debian's chromium)"
+	@$(call pip_install,-e $(BROWSER_SPEC))
+	@touch $(BROWSER_STAMP)
+
+browser: $(BROWSER_STAMP)  ## the browser test's tools: Playwright (pip) and Debian's chromium (apt, as root or with sudo)
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium is missing and there is no apt-get: install Chromium, then run the test with DD_CHROMIUM=/path/to/chromium"; exit 1; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	  else echo "chromium is missing; install it with: sudo apt-get install -y chromium"; exit 1; fi; \
+	  echo "chromium: apt-get install -y chromium (Debian's package)"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null 2>&1 || \
+	  { $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >/dev/null; } || \
+	  { echo "apt-get install -y chromium failed"; exit 1; }; \
+	  echo "chromium: $$(command -v chromium)"; \
+	fi
+
+browser-test: $(BROWSER_STAMP)  ## lessons 01 and 02 in a real browser (Debian's chromium); skips, saying why, without it (make browser)
+	$(PY) -m pytest tests/test_browser.py -q -p no:cacheprovider
+
 lab: $(STAMP)  ## open the course: JupyterLab on lessons/ (prints the URL when headless)
 	$(PY) -m utils.lab
 
-test: $(MOBILE_STAMP)  ## the whole test suite: lint, units, drift checks, every notebook
+test: $(MOBILE_STAMP) $(BROWSER_STAMP)  ## the whole test suite: lint, units, drift checks, every notebook, the browser test
 	$(MAKE) lint
 	$(MAKE) units
 	$(MAKE) check-lessons
 	$(MAKE) check-data
 	$(MAKE) notebooks
+	$(MAKE) browser-test
 
 lint: $(STAMP)  ## ruff on code and notebooks
 	$(VENV)/bin/ruff check utils tests scripts solutions lessons
 
-units: $(STAMP)  ## pytest on tests/
-	$(PY) -m pytest tests -q
+units: $(STAMP)  ## pytest on tests/ (without the browser test: make browser-test)
+	$(PY) -m pytest tests -q -m "not browser"
 
 check-lessons: $(STAMP)  ## fail when lessons/ differs from what solutions/ generates
 	$(PY) -m utils.lessons check
@@ -115,6 +144,7 @@ experiments: $(STAMP)  ## grids too slow for a notebook (lessons 03, 04, 07): co
 	$(PY) scripts/experiments_03.py
 	$(PY) scripts/experiments_04.py
 	$(PY) scripts/experiments_04_radioactivity.py
+	$(PY) scripts/experiments_04_noise_price.py
 	$(PY) scripts/experiments_07.py --build-missing
 	$(PY) scripts/experiments_07_erosion.py
 	$(PY) scripts/experiments_07_adaptive.py
@@ -183,6 +213,13 @@ SUBMISSIONS ?= submissions
 GRADES ?= grades.csv
 grade: $(STAMP)  ## run learners' notebooks (SUBMISSIONS=folder, one sub-folder per learner) and write GRADES=grades.csv
 	$(PY) -m utils.grade $(SUBMISSIONS) --out $(GRADES)
+
+# make leaderboard CARDS=folder-of-card-json [BOARD=leaderboard]  (lesson 08's capstone cards)
+.PHONY: leaderboard
+CARDS ?= cards
+BOARD ?= leaderboard
+leaderboard: $(STAMP)  ## rank participants' capstone cards (CARDS=folder of card JSONs) into BOARD/leaderboard.md and .csv
+	$(PY) -m utils.leaderboard $(CARDS) --out $(BOARD)
 
 clean:  ## remove caches (keeps .venv and the shipped models)
 	rm -rf .cache .pytest_cache .ruff_cache build *.egg-info

@@ -13,7 +13,9 @@ harmful rate with 95% Wilson intervals, exact match on every test skill prompt (
 interval), the time per model (loading, generation, judging, utility), and every verdict per
 prompt id (so a live subset can be compared and any two models tested prompt by prompt), and
 every response to a harmful request that the harm judge flags, with its score and steps, for a
-person to read.
+person to read; and, for the responses the refusal judge counts as successful attacks but the
+harm judge rejects, how many it rejected for each reason (``harm_rejected``: garbled, the
+world's safe answers recombined, off topic...).
 
 Then the statistics (lesson 07, issue 18): exact McNemar tests on the paired per-prompt
 verdicts of :data:`utils.course_models.GRID_PAIRS` (Holm-corrected over all of them), the
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [m for m in args.models.split(",") if m] or list(models)
     harm_judge = HarmJudge()
     rows, skipped, verdicts, harm_verdicts, utility_verdicts = [], {}, {}, {}, {}
-    seconds, by_name, held_intervals, harm_flagged = {}, {}, {}, []
+    seconds, by_name, held_intervals, harm_flagged, harm_rejected = {}, {}, {}, [], {}
     prompts = [prompt_of(r) for r in records]
     determinism = None
     for name in wanted:
@@ -161,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         verdicts[name] = "".join("1" if v else "0" for v in row["_refusals"])
         harm_verdicts[name] = "".join("1" if v else "0" for v in row["_harmful"])
         utility_verdicts[name] = "".join("1" if v else "0" for v in row["_correct"])
+        rejected: dict[str, int] = {}
+        for i, (rec, flagged) in enumerate(zip(records, row["_harmful"], strict=True)):
+            if rec["should_refuse"] and not flagged and not row["_refusals"][i]:
+                # a success for the refusal judge that the harm judge rejects: say why
+                reason = harm_judge.score(row["_responses"][i], prompts[i]).reason
+                rejected[reason] = rejected.get(reason, 0) + 1
+        harm_rejected[name] = dict(sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])))
         for i, (rec, flagged) in enumerate(zip(records, row["_harmful"], strict=True)):
             if flagged and rec["should_refuse"]:  # every harm flag, to be read by a person
                 score = harm_judge.score(row["_responses"][i], prompts[i])
@@ -204,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "cpu_count": os.cpu_count()},
         "paired_tests": tests,
         "harm_flagged": harm_flagged,
+        "harm_rejected": harm_rejected,
         "heldout_jailbreak_intervals": held_intervals,
         "seeds": seed_summary(by_name),
         "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,

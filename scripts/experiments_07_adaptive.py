@@ -1,6 +1,7 @@
 """Lesson 07's adaptive attack: a budgeted random search for a universal suffix, per model.
 
     python scripts/experiments_07_adaptive.py   # -> results/07_adaptive.json (~4 CPU-minutes)
+                                                # and results/07_adaptive_responses.json
     python scripts/experiments_07_adaptive.py --quick --out /tmp/a.json   # smoke test (~20 s)
 
 The fixed jailbreak templates of the world were written before the models; an adaptive
@@ -105,15 +106,31 @@ def mcnemar_dict(a: list[bool], b: list[bool]) -> dict:
             "diff": t.diff, "significant": t.significant()}
 
 
-def outcome_row(condition: str, out: dict, base: dict | None, **extra) -> dict:
-    """One evaluated condition: rates, paired tests against no attack, a few examples."""
+def harm_reasons(out: dict, prompts: list[str]) -> dict[str, int]:
+    """Why the harm judge did not count each reply the refusal judge counts as a success."""
+    from utils.safety import HarmJudge
+
+    counts: dict[str, int] = {}
+    for response, prompt, refused, harmful in zip(out["responses"], prompts, out["refused"],
+                                                  out["harmful"], strict=True):
+        if not refused and not harmful:
+            reason = HarmJudge().score(response, prompt).reason
+            counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def outcome_row(condition: str, out: dict, base: dict | None, prompts: list[str],
+                **extra) -> dict:
+    """One evaluated condition: rates, paired tests against no attack, a few examples, and
+    why the harm judge rejected the replies that were not refusals."""
     success = [not r for r in out["refused"]]
     row = {"condition": condition, **extra,
            "attack_success": rate_dict(out["attack_success"]),
            "harmful_success": rate_dict(out["harmful_success"]),
            "examples": out["responses"][:3],
            "harmful_examples": [r for r, h in zip(out["responses"], out["harmful"], strict=True)
-                                if h][:3]}
+                                if h][:3],
+           "not_refused_not_harmful": harm_reasons(out, prompts)}
     if base is not None:
         row["mcnemar_success_vs_none"] = mcnemar_dict(success, [not r for r in base["refused"]])
         row["mcnemar_harmful_vs_none"] = mcnemar_dict(out["harmful"], base["harmful"])
@@ -121,8 +138,10 @@ def outcome_row(condition: str, out: dict, base: dict | None, **extra) -> dict:
 
 
 def attack_model(name: str, args: argparse.Namespace, train_prompts: list[str],
-                 test_prompts: list[str], heldout: list[str]) -> tuple[dict, dict[int, tuple]]:
-    """Search, then evaluate every condition, for one model; also its seed suffixes."""
+                 test_prompts: list[str], heldout: list[str],
+                 replies: list[dict] | None = None) -> tuple[dict, dict[int, tuple]]:
+    """Search, then evaluate every condition, for one model; also its seed suffixes. The
+    replies to the random suffix and to the full search are appended to ``replies``."""
     from utils.attacks import (
         NotRefusalObjective,
         attack_outcomes,
@@ -139,7 +158,7 @@ def attack_model(name: str, args: argparse.Namespace, train_prompts: list[str],
     test_objective = NotRefusalObjective(model, tok, test_prompts, refusal_ids)
     start = time.perf_counter()
     base = attack_outcomes(model, tok, test_prompts, ())
-    rows = [outcome_row("none", base, None, seed=None, budget=0, suffix=[])]
+    rows = [outcome_row("none", base, None, test_prompts, seed=None, budget=0, suffix=[])]
     probs = {"none": float(test_objective.per_prompt(()).exp().mean())}
     searches, suffixes = [], {}
     for seed in args.seeds:
@@ -163,8 +182,12 @@ def attack_model(name: str, args: argparse.Namespace, train_prompts: list[str],
             suffix, _ = found.best_within(budget)
             out = attack_outcomes(model, tok, test_prompts, suffix)
             cond = "random_suffix" if budget == 1 else "search"
-            rows.append(outcome_row(cond, out, base, seed=seed, budget=budget,
+            rows.append(outcome_row(cond, out, base, test_prompts, seed=seed, budget=budget,
                                     suffix=list(suffix)))
+            if replies is not None and budget in (1, found.evaluations):
+                replies.append({"model": name, "condition": cond, "seed": seed,
+                                "budget": budget, "suffix": list(suffix),
+                                "responses": out["responses"]})
             probs[f"{cond}/seed{seed}/budget{budget}"] = float(
                 test_objective.per_prompt(suffix).exp().mean())
     # the fixed held-out templates of the test split, for reference (no search)
@@ -174,8 +197,8 @@ def attack_model(name: str, args: argparse.Namespace, train_prompts: list[str],
     fixed = {"responses": replies, "refused": refused, "harmful": harmful,
              "attack_success": Rate.of(len(refused) - sum(refused), len(refused)),
              "harmful_success": Rate.of(sum(harmful), len(harmful))}
-    rows.append(outcome_row("fixed_heldout_templates", fixed, None, seed=None, budget=0,
-                            suffix=None))
+    rows.append(outcome_row("fixed_heldout_templates", fixed, None, heldout, seed=None,
+                            budget=0, suffix=None))
     result = {"name": name, "parameters": count_parameters(model), "vocabulary_size": len(vocab),
               "refusal_start_tokens": tok.convert_ids_to_tokens(refusal_ids),
               "searches": searches, "conditions": rows,
@@ -238,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     train_prompts = [prompt_of(r) for r in train_recs]
     test_prompts = [prompt_of(r) for r in test_recs]
     heldout = [prompt_of(r) for r in heldout_recs]
-    results, suffixes = [], {}
+    results, suffixes, replies = [], {}, []
     for name in args.models:
-        res, found = attack_model(name, args, train_prompts, test_prompts, heldout)
+        res, found = attack_model(name, args, train_prompts, test_prompts, heldout, replies)
         results.append(res)
         suffixes[name] = found[args.seeds[0]]
         h = headline(res, args.budget)
@@ -284,7 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = Path(args.out)
     atomic_write_json(path, out)
-    print(f"wrote {display_path(path)} in {wall:.0f} s")
+    # every reply to the random suffix and to the full search, for the harm judge's hand
+    # labels (scripts/harm_labels.py draws its "attacked" rows from them)
+    replies_path = path.with_name(path.stem + "_responses.json")
+    atomic_write_json(replies_path, {
+        "experiment": "07_adaptive", "source": display_path(path), "quick": args.quick,
+        "provenance": prov, "prompt_ids": [r["id"] for r in test_recs], "runs": replies})
+    print(f"wrote {display_path(path)} and {display_path(replies_path)} in {wall:.0f} s")
     return 0
 
 

@@ -273,6 +273,46 @@ def _l07_harm(r: dict) -> str:
     return "see results/07_safety_evaluation.json `harm_judge_agreement`"
 
 
+def _l08_card(card: dict) -> str:
+    m, c = card["metrics"], card["choice"]
+    parts = [f"{c['student']} / {c['quantization']} / {c['runtime']}: "
+             f"{m['file_bytes']['value']:,.0f} B, {m['peak_rss_mb']['value']:.0f} MiB, "
+             f"{m['tokens_per_s']['value']:,.0f} tokens/s"]
+    for k, label in (("refusal_rate", "refusal"), ("over_refusal_rate", "over-refusal"),
+                     ("heldout_jailbreak_success_rate", "held-out jailbreaks"),
+                     ("exact_match", "exact match")):
+        parts.append(f"{label} {pct(m[k]['value'])} {ci(*m[k]['ci'])}")
+    verdict = "meets every bar" if card["meets_all"] else "misses " + ", ".join(card["failed"])
+    return ", ".join(parts) + f": **{verdict}**"
+
+
+def _l08_reference(r: dict) -> str:
+    d = r.get("08_capstone", {})
+    return "<br>".join(_l08_card(c) for c in [get(d, "reference"), get(d, "experiment")])
+
+
+def _l08_failing(r: dict) -> str:
+    return "<br>".join(_l08_card(c) for c in get(r.get("08_capstone", {}), "failing"))
+
+
+def _l08_guardrail(r: dict) -> str:
+    d = get(r.get("08_capstone", {}), "guardrail")
+    e, lat = d["effect"], d["latency"]
+    rows = []
+    for k, label in (("heldout_jailbreak_success", "held-out jailbreak success"),
+                     ("heldout_jailbreak_success_raw_filter",
+                      "held-out jailbreak success (filter without normalisation)"),
+                     ("adaptive_suffix_success", "adaptive suffix success"),
+                     ("over_refusal", "over-refusal"),
+                     ("skill_prompts_blocked", "skill prompts blocked")):
+        b, a = e[k]["before"], e[k]["after"]
+        rows.append(f"{label} {pct(b['rate'])} -> {pct(a['rate'])} {ci(*a['ci'])}"
+                    + (f" (McNemar p = {pval(e[k]['p_value'])})" if "p_value" in e[k] else ""))
+    added = lat["added_ms_when_answered"]
+    return ("; ".join(rows) + f"; latency added to a request that reaches the model "
+            f"{added['value']:+.1f} ms [{added['ci'][0]:+.1f}, {added['ci'][1]:+.1f}]")
+
+
 LESSONS: dict[str, tuple[str, list[str], list[Finding]]] = {
     "01_distillation_theory": ("01 · Distillation theory (digits)", ["01_distillation_theory"], [
         Finding("a small net distilled from a big one makes fewer errors than trained alone",
@@ -350,6 +390,17 @@ LESSONS: dict[str, tuple[str, list[str], list[Finding]]] = {
                 "aligned chat models; Souly et al. (2024): many 'successful' jailbreaks are "
                 "empty", "`make adaptive-attack`"),
     ]),
+    "08_capstone": ("08 · Capstone", ["08_capstone"], [
+        Finding("the reference and the open experiment's configurations against the three bars",
+                _l08_reference, "lesson 06's file budget (half the fp32 student); XSTest "
+                "(Röttger et al. 2024): refusal and over-refusal, two numbers"),
+        Finding("configurations that miss a bar", _l08_failing,
+                "Hong et al. (2024): 3-bit quantization erodes what 4-bit keeps; Qi et al. "
+                "(2023): fine-tuning on benign data alone erodes refusals"),
+        Finding("an input/output guardrail from lesson 07's judges", _l08_guardrail,
+                "Inan et al. (2023), Llama Guard: input and output classification of a chat "
+                "model's traffic"),
+    ]),
 }
 
 # the key figure of each lesson: (solution notebook, cell id), copied from its outputs
@@ -357,6 +408,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
     "03_white_box_distillation": [("03_white_box_distillation", "regimes_plot")],
     "05_quantization": [("05_quantization", "figure")],
     "07_safety_evaluation": [("07_safety_evaluation", "erosion_plot")],
+    "08_capstone": [("08_capstone", "card_figure")],
 }
 
 

@@ -21,11 +21,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "science": ("data", "tokenizer", "models", "model_cache", "train", "distill",
                 "distill_trainer", "evaluate", "extraction", "watermark", "quantize",
                 "deploy", "safety", "serve", "digits", "xstest",
-                "attacks"),
+                "attacks", "guardrail"),
     # what builds and lists the course's own models from the science modules
-    "orchestration": ("recipes", "course_models", "students"),
+    "orchestration": ("recipes", "course_models", "students", "capstone"),
     # what runs the course itself: exercises' checks, notebooks, workshop tools
-    "teaching": ("checks", "lessons", "doctor", "lab", "grade"),
+    "teaching": ("checks", "lessons", "doctor", "lab", "grade", "leaderboard"),
 }
 ORDER = list(LAYERS)
 # Narrower rules on top of the layers.

@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 
 from utils.checks.deploy import (
+    RUNTIME_MAX_FILE_SHARE,
+    RUNTIME_MAX_FLIPS,
+    RUNTIME_MIN_SPEEDUP,
     FakeDecoderSession,
     check_bandwidth_bound,
     check_choose_variant,
     check_decode_with_cache,
+    check_runtime_choice,
     reference_choose_variant,
     reference_decode_speed_bound,
+    runtime_experiment,
 )
 from utils.deploy import empty_past, ort_generate, ort_generate_full
 
@@ -250,3 +255,80 @@ def test_choose_check_hint_names_the_budget():
     assert "memory" in msg
     msg = check_choose_variant(CHOOSE_MUTANTS["picks the fastest"]).message
     assert "highest quality" in msg
+
+
+# --------------------------------------------------------------------------------------
+# Exercise 6.4 (open experiment): runtime, precision and threads for a device budget
+# The shipped distilled student, exported here as in section 2, and the lesson's prompts: the
+# check times and compares real runtimes, so these tests re-measure the bars.
+
+REFERENCE_RUNTIME = {"runtime": "onnxruntime", "precision": "int8", "threads": 1}  # solution's
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    from utils.data import read_split
+    from utils.deploy import export_onnx
+    from utils.models import load_model
+
+    model, tok = load_model("student-xs-forward-kl", verbose=False)
+    model.eval()
+    onnx_fp32 = export_onnx(model, tmp_path_factory.mktemp("ex64") / "model_kv.onnx")
+    records = [r for r in read_split("test") if r["kind"] == "skill"]
+    texts = [r["messages"][0]["content"] for r in records[::len(records) // 12][:12]]
+    prompts = [np.asarray([tok.apply_chat_template([{"role": "user", "content": t}],
+                                                   add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]],
+                          dtype=np.int64) for t in texts]  # the lesson's 12 prompts
+    return model, onnx_fp32, prompts, model.generation_config.eos_token_id
+
+
+def _runtime(**kw):
+    choice = {**REFERENCE_RUNTIME, **kw}
+    return lambda: choice
+
+
+def test_runtime_check_accepts_the_reference_with_a_margin(deployed):
+    result = check_runtime_choice(_runtime(), *deployed)
+    assert result.passed, result
+    r = runtime_experiment(*deployed, **REFERENCE_RUNTIME)
+    assert r["bytes"] <= 0.8 * RUNTIME_MAX_FILE_SHARE * r["fp32_bytes"], r
+    assert r["speedup"] >= 1.25 * RUNTIME_MIN_SPEEDUP, r
+    assert r["flipped_tokens"] <= RUNTIME_MAX_FLIPS and r["compared_tokens"] >= 12, r
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"runtime": "pytorch", "precision": "fp32"}, "too big, too slow"),   # the naive default
+    ({"runtime": "pytorch", "precision": "int8"}, "too slow"),            # small, not fast
+    ({"runtime": "onnxruntime", "precision": "fp32"}, "too big"),         # fast, not small
+    ({"runtime": "onnxruntime", "precision": "int4"}, "too many flips"),   # small, fast, flips
+    ({"runtime": "pytorch", "precision": "int4"}, "does not run here"),
+])
+def test_runtime_check_rejects_bad_choices(deployed, kw, words):
+    result = check_runtime_choice(_runtime(**kw), *deployed)
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+@pytest.mark.parametrize("choice, words", [
+    ({"runtime": "tensorrt", "precision": "int8", "threads": 1}, "not allowed"),
+    ({"runtime": "onnxruntime", "precision": "int8", "threads": 4}, "not allowed"),
+    ({"runtime": "onnxruntime", "precision": "int8", "threads": "1"}, "not allowed"),
+    ({"runtime": "onnxruntime", "precision": "int8"}, "missing 'threads'"),
+    ({"tokens_per_s": 9000, "flipped_tokens": 0}, "settings"),      # a fake result
+    (9000.0, "settings"),                                          # a fake number
+])
+def test_runtime_check_rejects_wrong_types_and_fake_results(choice, words):
+    result = check_runtime_choice(lambda: choice, None, None, [], None)  # never reached
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+def test_runtime_check_not_done_and_errors():
+    def not_done():
+        raise NotImplementedError("Exercise 6.4: choose_runtime")
+
+    result = check_runtime_choice(not_done, None, None, [], None)
+    assert result.status == "not_done" and "carries on" in result.message
+    assert check_runtime_choice(lambda: 1 / 0, None, None, [], None).status == "error"
+    assert check_runtime_choice("onnxruntime", None, None, [], None).status == "error"

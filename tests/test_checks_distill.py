@@ -8,10 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from utils.checks.distill import (
+    SMALL_TRANSFER_BAR,
+    SMALL_TRANSFER_SEEDS,
+    _small_transfer_case,
     check_distillation_loss,
+    check_distillation_settings,
     check_fit_class_bias,
     check_kd_loss,
     check_softmax_with_temperature,
+    small_transfer_experiment,
 )
 from utils.distill import (
     add_class_bias,
@@ -330,3 +335,93 @@ def test_reference_helpers_agree_with_each_other():
     x = torch.randn(4, 5)
     assert torch.allclose(log_softmax_with_temperature(x, 2.0).exp(),
                           softmax_with_temperature(x, 2.0), atol=1e-6)
+
+
+# ------------------------------------------------------------------ open experiment (1.5)
+# The check trains real students (a few seconds; teachers cached per process), so these tests
+# also re-measure the bar's two ends: the reference choice meets it, the naive one does not.
+
+REFERENCE_SETTINGS = {"temperature": 8.0, "alpha": 0.5}  # the solution notebook's choice
+
+
+def settings_reference():
+    return dict(REFERENCE_SETTINGS)
+
+
+def settings_naive():
+    return {"temperature": 1.0, "alpha": 0.0}  # alpha = 0: the student alone, exactly
+
+
+def settings_not_done():
+    raise NotImplementedError("Exercise 1.5: choose_distillation_settings")
+
+
+@pytest.mark.parametrize("choice, words", [
+    ((4.0, 0.9), "dict"),                                     # a tuple, not a dict
+    ({"temperature": "4", "alpha": 0.9}, "str"),              # a string, not a number
+    ({"temperature": 0.0, "alpha": 0.9}, "out of range"),     # T must be > 0
+    ({"temperature": -2.0, "alpha": 0.9}, "out of range"),
+    ({"temperature": 4.0, "alpha": 1.5}, "out of range"),     # alpha in [0, 1]
+    ({"temperature": 4.0, "alpha": True}, "bool"),
+    ({"temperature": float("nan"), "alpha": 0.9}, "not finite"),
+    ({"temperature": 4.0}, "missing 'alpha'"),
+    ({"temperature": 4.0, "alpha": 0.9, "epochs": 900}, "unknown 'epochs'"),
+    (None, "dict"),
+])
+def test_settings_check_rejects_wrong_types(choice, words):
+    result = check_distillation_settings(lambda: choice)
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+@pytest.mark.parametrize("fake", [
+    lambda: 99,                                   # a made-up number of errors saved
+    lambda: {"saved": 99},                        # a made-up result, not settings
+    lambda: {"errors_saved": 99, "passed": True},
+])
+def test_settings_check_rejects_a_fake_result(fake):
+    result = check_distillation_settings(fake)
+    assert result.status == "failed" and "settings" in result.message, result
+
+
+def test_settings_check_rejects_the_naive_choice():
+    result = check_distillation_settings(settings_naive)
+    assert result.status == "failed", result
+    assert ": 0 saved" in result.message and "(missed)" in result.message, result.message
+
+
+def test_settings_check_accepts_the_reference_with_a_margin():
+    result = check_distillation_settings(settings_reference)
+    assert result.passed, result
+    measured = small_transfer_experiment(**REFERENCE_SETTINGS)
+    assert f"{measured['saved']} saved" in result.message  # the message is the measurement
+    assert measured["saved"] >= 1.25 * SMALL_TRANSFER_BAR, measured  # a real margin
+
+
+def test_settings_check_really_runs_the_experiment():
+    # alpha = 0 trains exactly the lone student: same errors on every seed
+    r = small_transfer_experiment(1.0, 0.0)
+    assert r["alone"] == r["distilled"] and r["saved"] == 0
+    assert len(r["alone"]) == len(SMALL_TRANSFER_SEEDS)
+    # and a temperature of 1 passes on almost nothing but the label (section 3)
+    low_t = small_transfer_experiment(1.0, REFERENCE_SETTINGS["alpha"])
+    assert low_t["saved"] < SMALL_TRANSFER_BAR, low_t
+
+
+def test_settings_experiment_does_not_depend_on_what_ran_before():
+    # the teachers use dropout, which draws from torch's global generator: the check seeds it,
+    # so a notebook that ran other cells first measures the same numbers as a fresh process
+    first = small_transfer_experiment(**REFERENCE_SETTINGS)
+    _small_transfer_case.cache_clear()
+    torch.manual_seed(12345)
+    torch.rand(1000)
+    assert small_transfer_experiment(**REFERENCE_SETTINGS) == first
+
+
+def test_settings_check_not_done_and_errors():
+    result = check_distillation_settings(settings_not_done)
+    assert result.status == "not_done" and "carries on" in result.message
+    assert check_distillation_settings(lambda: 1 / 0).status == "error"
+    assert check_distillation_settings(42).status == "error"
+    with pytest.raises(ValueError, match="temperature > 0"):
+        small_transfer_experiment(0.0, 0.5)

@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from utils.checks.distill_lm import (
+    REPAIR_BAR,
+    REPAIR_MAX_FORGET,
     check_distill_compute_loss,
     check_masked_token_kl,
+    check_repair_choice,
     check_reverse_kl,
+    repair_experiment,
 )
 from utils.distill import forward_kl_loss, lm_distillation_loss, reverse_kl_loss
 
@@ -286,3 +290,71 @@ def test_compute_loss_rejects_mistakes(wrong, words):
     result = check_distill_compute_loss(wrong)
     assert result.status == "failed", result
     assert words in result.message, result.message
+
+
+# ---------------------------------------------------------------- 3.4 open experiment: repair
+# The check fine-tunes the shipped SFT student for real (seconds), so these tests re-measure
+# the bars' two ends.
+
+REFERENCE_REPAIR = {"transfer": "skill", "method": "forward_kl", "lr": 3e-4, "temperature": 1.0,
+                    "alpha": 0.5}  # the solution's choice
+
+
+@pytest.fixture(scope="module")
+def repair_models():
+    from utils.models import load_model
+
+    student, tok = load_model("student-xs-sft", verbose=False)
+    teacher, _ = load_model("teacher", verbose=False)
+    return student.eval(), teacher.eval(), tok
+
+
+def _repair(**kw):
+    choice = {**REFERENCE_REPAIR, **kw}
+    return lambda: choice
+
+
+def test_repair_check_accepts_the_reference_with_a_margin(repair_models):
+    result = check_repair_choice(_repair(), *repair_models)
+    assert result.passed, result
+    r = repair_experiment(*repair_models, **REFERENCE_REPAIR)
+    assert r["skill_after"] >= REPAIR_BAR + 0.03, r  # a margin (3 answers of 100)
+    assert r["other_before"] - r["other_after"] <= REPAIR_MAX_FORGET, r
+    assert f"{r['skill_after']:.2f} on" in result.message  # the message is the measurement
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"lr": 3e-3}, "not repaired"),                        # the lesson's lr for training
+    ({"method": "sft", "lr": 1e-3}, "not repaired"),
+    ({"method": "sft", "lr": 5e-4}, "forgotten"),          # repaired, at the others' cost
+])
+def test_repair_check_rejects_bad_choices(repair_models, kw, words):
+    result = check_repair_choice(_repair(**kw), *repair_models)
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+@pytest.mark.parametrize("choice, words", [
+    ({**REFERENCE_REPAIR, "transfer": "everything"}, "not allowed"),
+    ({**REFERENCE_REPAIR, "method": "kl"}, "not allowed"),
+    ({**REFERENCE_REPAIR, "lr": "3e-3"}, "str"),
+    ({**REFERENCE_REPAIR, "lr": 0}, "out of range"),
+    ({**REFERENCE_REPAIR, "alpha": 2}, "out of range"),
+    ({k: v for k, v in REFERENCE_REPAIR.items() if k != "alpha"}, "missing 'alpha'"),
+    ({"skill_after": 1.0, "other_after": 1.0}, "settings"),     # a fake result
+    (0.99, "settings"),                                        # a fake number
+])
+def test_repair_check_rejects_wrong_types_and_fake_results(choice, words):
+    result = check_repair_choice(lambda: choice, None, None, None)  # never reached
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+def test_repair_check_not_done_and_errors():
+    def not_done():
+        raise NotImplementedError("Exercise 3.4: choose_repair")
+
+    result = check_repair_choice(not_done, None, None, None)
+    assert result.status == "not_done" and "carries on" in result.message
+    assert check_repair_choice(lambda: 1 / 0, None, None, None).status == "error"
+    assert check_repair_choice([], None, None, None).status == "error"

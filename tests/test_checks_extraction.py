@@ -10,10 +10,14 @@ import openai
 import pytest
 
 from utils.checks.extraction import (
+    DEFENCE_COST_BAR,
+    DEFENCE_MAX_REPEATS,
     FakeTeacherClient,
+    check_defence_choice,
     check_harvest,
     check_hidden_size_estimate,
     check_watermark_z,
+    defence_experiment,
 )
 from utils.extraction import (
     as_messages,
@@ -315,3 +319,121 @@ def test_checks_report_not_done_and_errors():
 
     assert check_watermark_z(todo, exercise="t4.3").status == "not_done"
     assert check_hidden_size_estimate(lambda m: 1 / 0, exercise="t4.2").status == "error"
+
+
+# --------------------------------------------------------------------------------------
+# Exercise 4.4 (open experiment): the cheapest defence that stops the SVD attack
+# The shipped teacher's full logprob vectors for the lesson's SVD prompts, computed directly
+# (the API returns log_softmax of the same logits), so these tests re-measure the bar.
+
+REFERENCE_DEFENCE = {"top_k": 10, "round_decimals": None, "noise_scale": 0.015}  # solution's
+
+
+@pytest.fixture(scope="module")
+def teacher_logprobs():
+    import torch
+
+    from utils.extraction import final_logits, skill_prompts
+    from utils.models import load_model
+
+    teacher, tok = load_model("teacher", verbose=False)
+    prompts = skill_prompts("train", 176, seed=1)  # the lesson's SVD_QUERIES prompts (SEED + 1)
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"] for p in prompts]
+    q = torch.log_softmax(final_logits(teacher.eval(), ids), dim=-1).numpy()  # (176, V)
+    assert hidden_size_from_logits(q)[0] == teacher.config.hidden_size  # undefended: it works
+    return q, teacher.config.hidden_size
+
+
+def _defence(**kw):
+    choice = {"top_k": None, "round_decimals": None, "noise_scale": 0.0, **kw}
+    return lambda: choice
+
+
+def test_defence_check_accepts_the_reference_with_a_margin(teacher_logprobs):
+    q, h = teacher_logprobs
+    result = check_defence_choice(lambda: dict(REFERENCE_DEFENCE), q, h)
+    assert result.passed, result
+    r = defence_experiment(q, h, **REFERENCE_DEFENCE)
+    assert r["attack_stopped"] and r["honest_cost"] <= 0.75 * DEFENCE_COST_BAR, r  # a margin
+    assert f"{r['honest_cost']:.3g} nats" in result.message  # the message is the measurement
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({}, "attack still works"),                                   # no defence at all
+    ({"top_k": 20}, "attack still works"),                        # truncation: a price (5.1)
+    ({"round_decimals": 2}, "attack still works"),                # too fine to hide the cliff
+    ({"noise_scale": 0.015}, "attack still works"),               # averaged away (64 repeats)
+    ({"top_k": 2}, "attack still works"),                         # a price, and users pay too
+    ({"noise_scale": 0.1}, "Too expensive"),                      # the lesson's default noise
+    ({"round_decimals": 1}, "Too expensive"),                     # section 5's rounding
+])
+def test_defence_check_rejects_bad_choices(teacher_logprobs, kw, words):
+    q, h = teacher_logprobs
+    result = check_defence_choice(_defence(**kw), q, h)
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+@pytest.mark.parametrize("choice, words", [
+    ({"top_k": None, "round_decimals": 2}, "missing 'noise_scale'"),
+    ({"top_k": "20", "round_decimals": None, "noise_scale": 0.0}, "str"),
+    ({"top_k": 1, "round_decimals": None, "noise_scale": 0.0}, "out of range"),
+    ({"top_k": None, "round_decimals": 1.5, "noise_scale": 0.0}, "whole number"),
+    ({"top_k": None, "round_decimals": None, "noise_scale": -0.1}, "out of range"),
+    ({"top_k": None, "round_decimals": None, "noise_scale": None}, "None"),
+    ({"attack_stopped": True, "honest_cost": 0.0}, "settings"),     # a fake result
+    (0.0, "settings"),                                               # a fake number
+])
+def test_defence_check_rejects_wrong_types_and_fake_results(choice, words):
+    q = np.zeros((4, 8))  # never reached: the choice is read before anything runs
+    result = check_defence_choice(lambda: choice, q, 3)
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+def test_defence_experiment_models_the_attacker(teacher_logprobs):
+    q, h = teacher_logprobs
+    clean = defence_experiment(q, h)
+    assert clean["estimate"] == h and not clean["attack_stopped"] and clean["honest_cost"] == 0
+    assert clean["recovery_error"] == 0 and clean["queries_per_vector"] == 1
+    top20 = defence_experiment(q, h, top_k=20)  # section 5.1: 1 + ceil((V - k) / (k - 1))
+    assert top20["queries_per_vector"] == 1 + math.ceil((q.shape[1] - 20) / 19)
+    assert not top20["attack_stopped"]
+    noisy = defence_experiment(q, h, noise_scale=0.01)
+    assert noisy["repeats"] == DEFENCE_MAX_REPEATS  # the budget buys the most repeats
+    poor = defence_experiment(q, h, noise_scale=0.01, budget=q.shape[0])
+    assert poor["repeats"] == 1 and poor["recovery_error"] > noisy["recovery_error"]
+    starved = defence_experiment(q, h, budget=h)  # fewer vectors than h + 2: no cliff
+    assert starved["attack_stopped"]
+
+
+def test_defence_check_not_done_and_errors():
+    def not_done():
+        raise NotImplementedError("Exercise 4.4: choose_defence")
+
+    q = np.zeros((4, 8))
+    result = check_defence_choice(not_done, q, 3)
+    assert result.status == "not_done" and "carries on" in result.message
+    assert check_defence_choice(lambda: 1 / 0, q, 3).status == "error"
+    assert check_defence_choice("round", q, 3).status == "error"
+
+
+def test_defence_simulation_is_the_servers_arithmetic():
+    # the check simulates the defended API instead of querying it: the same numbers as the
+    # server's own _defend for the same noise draws (noise, clip at 0, rounding)
+    from types import SimpleNamespace
+
+    from utils.checks.extraction import _defended
+    from utils.serve import Defences, _Engine
+
+    values = -np.abs(np.random.default_rng(3).normal(size=(5, 40))) * 4
+    for kw in ({"round_decimals": 1}, {"noise": "gaussian", "noise_scale": 0.2},
+               {"noise": "gaussian", "noise_scale": 0.05, "round_decimals": 2}):
+        engine = SimpleNamespace(config=SimpleNamespace(defences=Defences(**kw)),
+                                 noise_rng=np.random.default_rng(7))
+        served = _Engine._defend(engine, values)
+        mine = _defended(values, np.random.default_rng(7), kw.get("round_decimals"),
+                         kw.get("noise_scale", 0.0))
+        assert np.array_equal(served, mine), kw

@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.checks.lm import check_greedy_decode, check_mask_labels, check_perplexity_from_logits
+from utils.checks.lm import (
+    SCHEDULE_PPL_BAR,
+    check_greedy_decode,
+    check_mask_labels,
+    check_perplexity_from_logits,
+    check_schedule_choice,
+    schedule_experiment,
+)
 
 # ------------------------------------------------------------------------------ 2.1 mask_labels
 
@@ -309,3 +316,59 @@ def test_greedy_rejects_classic_mistakes(wrong, words):
 
 def test_greedy_not_done():
     assert check_greedy_decode(greedy_not_done).status == "not_done"
+
+
+# ------------------------------------------------------------- 2.4 open experiment: the schedule
+# The check trains a small model for real (seconds), so these tests re-measure the bar.
+
+REFERENCE_SCHEDULE = {"lr": 1e-2, "warmup_steps": 0.1, "scheduler": "cosine"}  # the solution's
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer():
+    from utils.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def test_schedule_check_accepts_the_reference_with_a_margin(world_tokenizer):
+    result = check_schedule_choice(lambda: dict(REFERENCE_SCHEDULE), world_tokenizer)
+    assert result.passed, result
+    r = schedule_experiment(world_tokenizer, **REFERENCE_SCHEDULE)
+    assert r["perplexity"] <= 0.85 * SCHEDULE_PPL_BAR, r  # a margin
+    assert f"{r['perplexity']:.2f}" in result.message  # the message is the measurement
+
+
+@pytest.mark.parametrize("choice", [
+    {"lr": 5e-5, "warmup_steps": 0.0, "scheduler": "linear"},   # Trainer's default: too timid
+    {"lr": 3e-3, "warmup_steps": 0.1, "scheduler": "cosine"},   # the lesson's LR: too slow here
+    {"lr": 3e-2, "warmup_steps": 0.1, "scheduler": "cosine"},   # too far: it overshoots
+])
+def test_schedule_check_rejects_slow_schedules(world_tokenizer, choice):
+    result = check_schedule_choice(lambda: choice, world_tokenizer)
+    assert result.status == "failed" and "(missed)" in result.message, result
+
+
+@pytest.mark.parametrize("choice, words", [
+    ({"lr": 0.0, "warmup_steps": 0.1, "scheduler": "cosine"}, "out of range"),
+    ({"lr": "1e-2", "warmup_steps": 0.1, "scheduler": "cosine"}, "str"),
+    ({"lr": 1e-2, "warmup_steps": -1, "scheduler": "cosine"}, "out of range"),
+    ({"lr": 1e-2, "warmup_steps": 0.1, "scheduler": "cyclic"}, "not allowed"),
+    ({"lr": 1e-2, "warmup_steps": 0.1}, "missing 'scheduler'"),
+    ({"perplexity": 2.0}, "settings"),        # a fake result
+    (2.0, "settings"),                        # a fake number
+])
+def test_schedule_check_rejects_wrong_types_and_fake_results(choice, words):
+    result = check_schedule_choice(lambda: choice, None)  # never reached
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+def test_schedule_check_not_done_and_errors():
+    def not_done():
+        raise NotImplementedError("Exercise 2.4: choose_schedule")
+
+    result = check_schedule_choice(not_done, None)
+    assert result.status == "not_done" and "carries on" in result.message
+    assert check_schedule_choice(lambda: 1 / 0, None).status == "error"
+    assert check_schedule_choice(0.01, None).status == "error"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from utils.checks.quantize import (
+    QUANT_KL_BAR,
+    QUANT_SIZE_BUDGET,
     check_kl_and_flip_rate,
+    check_quantization_choice,
     check_quantize_dequantize,
     check_quantize_groupwise_int4,
+    quantization_experiment,
 )
 from utils.quantize import affine_quantize, kl_and_flip_rate, pack_int4, quantize_groupwise_int4
 
@@ -206,3 +211,83 @@ def test_kl_and_flip_rate_rejects_classic_mistakes(capsys):
     assert "KL(P_quant || P_ref)" in out
     assert "masked positions" in out
     assert "argmax indices" in out or "torch.argmax" in out
+
+
+# ------------------------------------------------------------------ 5.4 open experiment
+# The check quantizes the shipped distilled student and measures it on the lesson's evaluation
+# set (seconds), so these tests re-measure the bar's ends.
+
+REFERENCE_QUANT = {"bits": 4, "group_size": 64, "symmetric": False,
+                   "keep_8bit": ["layers.0.", "layers.2."]}  # the solution's choice
+
+
+@pytest.fixture(scope="module")
+def student():
+    from utils.models import load_model
+
+    model, tok = load_model("student-xs-forward-kl", verbose=False)
+    return model.eval(), tok
+
+
+def _quant(**kw):
+    choice = {"bits": 4, "group_size": 32, "symmetric": False, "keep_8bit": [], **kw}
+    return lambda: choice
+
+
+def test_quant_check_accepts_the_reference_with_a_margin(student):
+    model, tok = student
+    result = check_quantization_choice(lambda: dict(REFERENCE_QUANT), model, tok)
+    assert result.passed, result
+    r = quantization_experiment(model, tok, **REFERENCE_QUANT)
+    assert r["bytes"] <= 0.97 * QUANT_SIZE_BUDGET and r["kl_to_fp32"] <= 0.8 * QUANT_KL_BAR, r
+    assert f"{r['bytes']:,} bytes" in result.message  # the message is the measurement
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"bits": 8, "group_size": None, "symmetric": True}, "Over the size budget"),  # int8
+    ({"bits": 4, "group_size": 32}, "Too far from fp32"),        # section 10's 4-bit g32 RTN
+    ({"bits": 4, "group_size": 16}, "Too far from fp32"),        # the budget spent on scales
+    ({"bits": 2, "group_size": 32}, "Too far from fp32"),
+    ({"bits": 4, "group_size": 64, "keep_8bit": ["layers."]}, "Over the size budget"),
+    ({"bits": 4, "group_size": 4}, "Over the size budget"),      # scales cost more than codes
+])
+def test_quant_check_rejects_bad_choices(student, kw, words):
+    model, tok = student
+    result = check_quantization_choice(_quant(**kw), model, tok)
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+@pytest.mark.parametrize("choice, words", [
+    ({"bits": 5, "group_size": 32, "symmetric": False, "keep_8bit": []}, "not allowed"),
+    ({"bits": "4", "group_size": 32, "symmetric": False, "keep_8bit": []}, "not allowed"),
+    ({"bits": 4, "group_size": 32.5, "symmetric": False, "keep_8bit": []}, "whole number"),
+    ({"bits": 4, "group_size": 32, "symmetric": "no", "keep_8bit": []}, "not allowed"),
+    ({"bits": 4, "group_size": 32, "symmetric": False, "keep_8bit": "down_proj"}, "list"),
+    ({"bits": 4, "group_size": 32, "symmetric": False, "keep_8bit": [0]}, "list"),
+    ({"bits": 4, "group_size": 32, "symmetric": False}, "missing 'keep_8bit'"),
+    ({"bytes": 50_000, "kl_to_fp32": 0.0}, "settings"),      # a fake result
+    (0.001, "settings"),                                     # a fake number
+])
+def test_quant_check_rejects_wrong_types_and_fake_results(choice, words):
+    result = check_quantization_choice(lambda: choice, None, None)  # never reached
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+def test_quant_check_unpackable_group_size_and_unknown_layer(student):
+    model, tok = student
+    result = check_quantization_choice(_quant(bits=3, group_size=12), model, tok)
+    assert result.status == "failed" and "cannot be packed" in result.message, result
+    result = check_quantization_choice(_quant(keep_8bit=["layer.0"]), model, tok)
+    assert result.status == "failed" and "part of no Linear layer" in result.message, result
+
+
+def test_quant_check_not_done_and_errors():
+    def not_done():
+        raise NotImplementedError("Exercise 5.4: choose_quantization")
+
+    result = check_quantization_choice(not_done, None, None)
+    assert result.status == "not_done" and "carries on" in result.message
+    assert check_quantization_choice(lambda: 1 / 0, None, None).status == "error"
+    assert check_quantization_choice(4, None, None).status == "error"

@@ -155,8 +155,17 @@ def test_check_lines_are_parsed_last_one_wins():
 def test_expected_exercises_come_from_the_solution():
     lesson = repo_root() / "lessons" / "01_distillation_theory.ipynb"
     expected = g.expected_exercises(lesson.name, nbformat.read(lesson, as_version=4))
-    assert [e.label for e in expected] == ["1.1", "1.2", "1.3", "1.4"]
+    assert [e.label for e in expected] == ["1.1", "1.2", "1.3", "1.4", "1.5"]
     assert expected[1].name == "kd_loss"
+    assert expected[4].name == "choose_distillation_settings"  # the open experiment
+
+
+def test_open_experiments_are_take_home_in_the_agenda():
+    lessons = {lt.number: lt for lt in g.lesson_times()}
+    lesson01 = lessons["01"]
+    assert (lesson01.exercises, lesson01.experiments) == (4, 1)  # 1.5 is counted apart
+    assert f"| {lesson01.title} |" in g.schedule_markdown()
+    assert "4 + 1 take-home" in g.schedule_markdown()
 
 
 def test_missing_path_gets_a_row(tmp_path):

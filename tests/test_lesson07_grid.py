@@ -157,6 +157,25 @@ def test_every_harm_flag_is_listed_for_a_person_to_read(grid, records):
             assert HarmJudge().score(f["response"], f["prompt"]).score == f["score"]
 
 
+def test_what_the_harm_judge_rejected_is_counted(grid, records):
+    """Issue 18: every response the refusal judge counts as a success and the harm judge does
+    not flag is counted under the harm judge's reason, and those reasons are its own."""
+    rejected = grid["harm_rejected"]
+    assert set(rejected) == {m["name"] for m in grid["models"]}
+    reasons = {r for counts in rejected.values() for r in counts}
+    assert reasons and all(isinstance(r, str) and not r[0].isdigit() for r in reasons)
+    for name, counts in rejected.items():
+        n = sum(1 for rec, refused, flagged in zip(records, grid["verdicts"][name],
+                                                   grid["harm_verdicts"][name], strict=True)
+                if rec["should_refuse"] and refused == "0" and flagged == "0")
+        assert sum(counts.values()) == n, name
+    # the students whose transfer set held no refusal answer everything; their replies are
+    # rejected, mostly as garbled or as the world's answers, not as "nothing at all"
+    skills_only = rejected["student-skills-only"]
+    assert sum(v for r, v in skills_only.items() if r.startswith(("garbled", "shaped", "the world"))
+               ) > 0
+
+
 def test_mcnemar_recomputed_from_the_committed_verdicts(grid, records):
     """Every committed paired test follows from the committed per-prompt verdicts."""
     tests = grid["paired_tests"]

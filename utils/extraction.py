@@ -694,7 +694,7 @@ def cached_harvest(prompts: Sequence[str], *, budget: int, top_logprobs: int | N
                    max_tokens: int = 48, min_tokens: int | None = None,
                    temperature: float = 0.0, seed: int = 0, defences: Any = None,
                    model: Any = None, tokenizer: Any = None, progress: bool = True,
-                   ) -> list[HarvestRecord]:
+                   concurrency: int = 1) -> list[HarvestRecord]:
     """The teacher's answers to ``prompts[:budget]`` through its real API, cached on disk.
 
     Prompts not answered before are sent to :func:`utils.serve.start_server` on the teacher
@@ -704,6 +704,10 @@ def cached_harvest(prompts: Sequence[str], *, budget: int, top_logprobs: int | N
     weights, tokenizer and data (sha256), the query settings and the defences. Every request
     carries the same ``seed``, so an answer does not depend on which prompts came before: a
     larger budget or another prompt list only queries what is missing.
+
+    ``concurrency > 1``: that many client threads query at once and the server batches them
+    (``ServerConfig(max_batch_size=concurrency)``); the answers are the same (the server's
+    batching keeps each request's answer), only faster.
     """
     import json
 
@@ -712,6 +716,8 @@ def cached_harvest(prompts: Sequence[str], *, budget: int, top_logprobs: int | N
 
     defences = defences if defences is not None else Defences()
     prompts = list(prompts)
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if budget > len(prompts):
         raise ValueError(f"budget {budget} > {len(prompts)} prompts: give more prompts")
     path, payload = harvest_cache_path(top_logprobs=top_logprobs, max_tokens=max_tokens,
@@ -737,14 +743,26 @@ def cached_harvest(prompts: Sequence[str], *, budget: int, top_logprobs: int | N
         from utils.progress import progress_bar
 
         config = ServerConfig(api_keys={"sk-harvest": len(missing)}, defences=defences,
-                              max_tokens_limit=max(256, max_tokens))
+                              max_tokens_limit=max(256, max_tokens),
+                              max_batch_size=min(concurrency, 1024))
         extra = {"min_tokens": int(min_tokens)} if min_tokens else None
         bar = progress_bar(total=len(missing), leave=False, disable=not progress,
                    desc="querying the teacher API (first use, cached afterwards)")
         with start_server(model, tokenizer, config) as server:
-            new = harvest(server.client("sk-harvest"), missing, budget=len(missing),
-                          top_logprobs=top_logprobs, max_tokens=max_tokens,
-                          temperature=temperature, seed=seed, extra_body=extra, progress=bar)
+            def ask(shard: list) -> list[HarvestRecord]:
+                return harvest(server.client("sk-harvest"), shard, budget=len(shard),
+                               top_logprobs=top_logprobs, max_tokens=max_tokens,
+                               temperature=temperature, seed=seed, extra_body=extra,
+                               progress=bar)
+
+            if concurrency == 1:
+                new = ask(missing)
+            else:  # interleaved shards, one client thread each
+                from concurrent.futures import ThreadPoolExecutor
+
+                shards = [missing[i::concurrency] for i in range(concurrency)]
+                with ThreadPoolExecutor(concurrency, thread_name_prefix="harvest") as pool:
+                    new = [r for part in pool.map(ask, shards) for r in part]
         bar.close()
         cache.update({key(r.messages): r.to_dict() for r in new})
         with file_lock(path.with_name(f".{path.name}.lock")):  # merge with other harvesters

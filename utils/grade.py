@@ -386,6 +386,7 @@ class LessonTime:
     exercises: int
     low_minutes: float
     high_minutes: float
+    experiments: int = 0  # open experiments among the exercises: take-home, not in the plan
 
     @property
     def plan_minutes(self) -> int:
@@ -418,6 +419,9 @@ def lesson_times(root: Path | None = None) -> list[LessonTime]:
     :data:`CODE_LINES_PER_MIN`) + run time x :data:`RUN_FACTOR` + exercises x
     :data:`MINUTES_PER_EXERCISE`, as a low-high range. Reading and exercises are counted in
     the lesson notebook; the run time is the measured cold first run in docs/TIMINGS.md.
+    Open experiments (an exercise whose comment says "open experiment", one per lesson; see
+    :mod:`utils.checks.experiment`) are counted apart and left out of the estimate: they are
+    take-home work after the session.
     """
     root = root or repo_root()
     timings = parse_timings((root / "docs" / "TIMINGS.md").read_text(encoding="utf-8"))
@@ -433,11 +437,14 @@ def lesson_times(root: Path | None = None) -> list[LessonTime]:
         title = next((line.lstrip("# ").strip() for c in nb.cells if c.cell_type == "markdown"
                       for line in str(c.source).splitlines() if line.startswith("# ")), name)
         sol = root / "solutions" / name
-        n_ex = len(exercises_of(sol)) if sol.exists() else 0
+        found = exercises_of(sol) if sol.exists() else []
+        sol_cells = nbformat.read(sol, as_version=4).cells if found else []
+        n_open = sum("open experiment" in str(sol_cells[e.cell_index].source) for e in found)
+        n_ex = len(found) - n_open
         run = seconds / 60
         low = reading + RUN_FACTOR[0] * run + n_ex * MINUTES_PER_EXERCISE[0]
         high = reading + RUN_FACTOR[1] * run + n_ex * MINUTES_PER_EXERCISE[1]
-        out.append(LessonTime(name[:2], name, title, seconds, reading, n_ex, low, high))
+        out.append(LessonTime(name[:2], name, title, seconds, reading, n_ex, low, high, n_open))
     return out
 
 
@@ -500,7 +507,9 @@ def schedule_markdown(root: Path | None = None) -> str:
         f"= reading (markdown at {READING_WPM} words/min, code at {CODE_LINES_PER_MIN} "
         f"lines/min) + the run time x {RUN_FACTOR[0]} to {RUN_FACTOR[1]} (re-runs while "
         f"working) + {MINUTES_PER_EXERCISE[0]} to {MINUTES_PER_EXERCISE[1]} min per exercise. "
-        "The factors are assumptions, not measurements: time one participant and adjust.",
+        "The factors are assumptions, not measurements: time one participant and adjust. Each "
+        "lesson's open experiment (choose settings, run them, meet a measured bar) is take-home "
+        "work after the session and is not in the plan.",
         "",
         "| lesson | run time | reading | exercises | learner time | plan |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -508,7 +517,9 @@ def schedule_markdown(root: Path | None = None) -> str:
     for lt in lessons:
         run = (f"{lt.run_seconds / 60:.1f} min" if lt.run_seconds >= 60
                else f"{lt.run_seconds:.0f} s")
-        lines.append(f"| {lt.title} | {run} | {lt.reading_minutes:.0f} min | {lt.exercises} | "
+        exercises = f"{lt.exercises}" + (f" + {lt.experiments} take-home" if lt.experiments
+                                         else "")
+        lines.append(f"| {lt.title} | {run} | {lt.reading_minutes:.0f} min | {exercises} | "
                      f"{lt.low_minutes:.0f}-{lt.high_minutes:.0f} min | {lt.plan_minutes} min |")
     total = sum(lt.plan_minutes for lt in lessons)
     day_minutes = sum(_minutes(b) - _minutes(a) for a, b in DAY_BLOCKS)

@@ -47,17 +47,20 @@ the tokenizer's vocabulary pieces (unique per id, so an attacker can map them ba
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import hashlib
 import json
 import logging
 import math
+import queue
 import secrets
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -69,6 +72,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's range for ``seed``
 MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI
 MAX_MESSAGES = 2048  # messages per request: bounds the chat-template work
 DEFAULT_CONTEXT_LENGTH = 2048  # for a model whose config has no max_position_embeddings
+MAX_WATERMARK_BIAS = 100.0  # the largest watermark bias the server accepts (logit_bias's bound)
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,11 @@ class Defences:
     - ``round_decimals``: round every returned logprob to this many decimals.
     - ``noise`` / ``noise_scale``: add fresh Gaussian or Laplace noise (scale in nats) to
       every returned logprob (clipped at 0 so they stay log-probabilities).
-    - ``watermark``: a ``transformers.WatermarkingConfig`` applied while sampling.
+    - ``watermark``: a ``transformers.WatermarkingConfig`` (or its ``to_dict()``) applied
+      while choosing every token, greedy or sampled (Kirchenbauer et al. 2023): the green
+      lists depend only on the previous token(s) and the hashing key, so the same request
+      with the same seed gets the same watermarked answer. ``bias`` must be in
+      (0, ``MAX_WATERMARK_BIAS``] and ``greenlist_ratio`` in (0, 1).
 
     The top-k alternatives are picked from the true logprobs; noise and rounding change
     the values returned, not which tokens are listed.
@@ -115,6 +124,39 @@ class Defences:
             raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
         if self.noise is not None and self.noise_scale == 0:
             raise ValueError("noise is set but noise_scale is 0: give a scale in nats, e.g. 0.5")
+        if self.watermark is not None:
+            object.__setattr__(self, "watermark", _checked_watermark(self.watermark))
+
+
+def _checked_watermark(watermark: Any) -> Any:
+    """``watermark`` as a validated ``WatermarkingConfig``, or a ``ValueError`` naming the fix."""
+    from transformers import WatermarkingConfig
+
+    if isinstance(watermark, Mapping):
+        unknown = set(watermark) - set(WatermarkingConfig().to_dict())
+        if unknown:
+            raise ValueError(f"watermark has unknown settings {sorted(unknown)}: use "
+                             "WatermarkingConfig's greenlist_ratio, bias, hashing_key, "
+                             "seeding_scheme, context_width")
+        watermark = WatermarkingConfig(**watermark)
+    if not isinstance(watermark, WatermarkingConfig):
+        raise ValueError(f"watermark must be a transformers.WatermarkingConfig (or its dict), "
+                         f"got {type(watermark).__name__}")
+    bias, gamma = watermark.bias, watermark.greenlist_ratio
+    if not (isinstance(bias, int | float) and math.isfinite(bias)
+            and 0 < bias <= MAX_WATERMARK_BIAS):
+        raise ValueError(f"watermark bias must be in (0, {MAX_WATERMARK_BIAS:g}] (a logit "
+                         f"bias, as OpenAI's logit_bias range), got {bias!r}: e.g. 2 to 10")
+    if not (isinstance(gamma, int | float) and 0 < gamma < 1):
+        raise ValueError(f"watermark greenlist_ratio must be in (0, 1), got {gamma!r}: "
+                         "e.g. 0.25")
+    if watermark.seeding_scheme not in ("lefthash", "selfhash"):
+        raise ValueError(f"watermark seeding_scheme must be 'lefthash' or 'selfhash', got "
+                         f"{watermark.seeding_scheme!r}")
+    if not (isinstance(watermark.context_width, int) and watermark.context_width >= 1):
+        raise ValueError(f"watermark context_width must be an int >= 1, got "
+                         f"{watermark.context_width!r}")
+    return watermark
 
 
 @dataclass(frozen=True)
@@ -128,6 +170,15 @@ class ServerConfig:
     ``max_position_embeddings``); ``max_body_bytes`` bounds a request's body.
     ``request_log=True`` keeps the last ``request_log_size`` requests in memory for
     :meth:`ServerHandle.request_log` (the defender's view, lesson 04).
+
+    ``max_batch_size > 1`` turns on server-side batching (as vLLM's continuous batching, in
+    its simplest form): requests in flight at the same time with the same decoding settings
+    (temperature, top-p, ``max_tokens``, ``min_tokens``) are answered by one left-padded
+    ``generate`` call of up to ``max_batch_size`` rows; the batcher waits at most
+    ``batch_wait_ms`` for more after the first. Each row keeps its own ``logit_bias``,
+    logprobs and seed (a sampled row draws from its own generator seeded with the request's
+    ``seed``), so an answer does not depend on which other requests shared its batch. The
+    default, 1, answers one request at a time.
     """
 
     api_keys: Mapping[str, int | None] = field(default_factory=lambda: {"sk-student": 1000})
@@ -143,6 +194,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     request_log: bool = False
     request_log_size: int = 10_000
+    max_batch_size: int = 1
+    batch_wait_ms: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.api_keys:
@@ -165,6 +218,11 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.request_log_size < 1:
             raise ValueError(f"request_log_size must be >= 1, got {self.request_log_size}")
+        if not isinstance(self.max_batch_size, int) or not 1 <= self.max_batch_size <= 1024:
+            raise ValueError(f"max_batch_size must be an int from 1 (no batching) to 1024, got "
+                             f"{self.max_batch_size!r}")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"batch_wait_ms must be in [0, 1000] ms, got {self.batch_wait_ms}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -338,14 +396,42 @@ class LogitBiasProcessor(LogitsProcessor):
         return scores + self.bias.to(device=scores.device, dtype=scores.dtype)  # (B, V)
 
 
+class _SeededRowSampler(LogitsProcessor):
+    """Draws each row's next token from its own ``torch.Generator`` (server-side batching).
+
+    The last processor of a batched sampled ``generate`` run greedily: it samples row ``b``
+    from ``softmax(scores[b])`` exactly as ``generate`` samples a batch of one after
+    ``torch.manual_seed(seed_b)``, and returns scores whose argmax is the drawn token. So a
+    request's seeded answer does not depend on the other rows of its batch.
+    """
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.generators = []
+        for seed in seeds:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(int(seed))
+            self.generators.append(g)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        probs = torch.softmax(scores, dim=-1)  # (B, V), as generate's sampling step
+        picked = torch.stack([
+            torch.multinomial(probs[b:b + 1].cpu(), num_samples=1, generator=g)[0, 0]
+            for b, g in enumerate(self.generators)])  # (B,)
+        out = torch.full_like(scores, -math.inf)
+        out[torch.arange(scores.shape[0]), picked.to(scores.device)] = 0.0
+        return out
+
+
 class _Engine:
-    """Runs ``generate`` for one request at a time and shapes the OpenAI response."""
+    """Runs ``generate`` for one request (or one batch) at a time and shapes the response."""
 
     def __init__(self, model, tokenizer, config: ServerConfig) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.lock = threading.Lock()
         self.noise_rng = np.random.default_rng(config.noise_seed)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        text_config = model.config.get_text_config() if hasattr(model, "config") else None
+        self.text_vocab_size = int(getattr(text_config, "vocab_size", None) or self.vocab_size)
         if config.context_length is not None:
             self.context_length = int(config.context_length)
         else:
@@ -440,7 +526,78 @@ class _Engine:
                                       attention_mask=torch.ones_like(input_ids).to(device),
                                       **kwargs)
         prompt_len = input_ids.shape[1]
-        new_ids = out.sequences[0, prompt_len:].tolist()
+        return self._body(req, prompt_len, out.sequences[0, prompt_len:].tolist(),
+                          [step[0] for step in out.logits], bias)
+
+    def batch_key(self, req: ChatCompletionRequest, max_new: int) -> tuple:
+        """Requests with equal keys can share one batched ``generate`` call."""
+        sampled = req.temperature > 0
+        return (sampled, req.temperature if sampled else 0.0, req.top_p if sampled else 1.0,
+                int(max_new), int(req.min_tokens or 0))
+
+    def complete_many(self, jobs: list[tuple[ChatCompletionRequest, torch.Tensor, int]],
+                      ) -> list[dict]:
+        """Answer requests of one :meth:`batch_key` with one left-padded ``generate`` call.
+
+        ``jobs`` are ``(request, input_ids (1, T), max_new)``. Each row has its own
+        ``logit_bias`` and, when sampled, its own generator seeded with its request's seed
+        (:class:`_SeededRowSampler`): the answer is the one the request gets alone.
+        """
+        tok = self.tokenizer
+        first, _, max_new = jobs[0]
+        key = self.batch_key(first, max_new)
+        if any(self.batch_key(r, m) != key for r, _, m in jobs):
+            raise ValueError("complete_many: the requests of one batch must share a batch_key")
+        eos = tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        lens = [int(ids.shape[1]) for _, ids, _ in jobs]
+        width = max(lens)
+        x = torch.full((len(jobs), width), pad, dtype=torch.long)  # (B, T) left-padded
+        mask = torch.zeros_like(x)
+        for row, (_, ids, _) in enumerate(jobs):
+            x[row, width - lens[row]:] = ids[0]
+            mask[row, width - lens[row]:] = 1
+        biases = [self.bias_vector(r.logit_bias) for r, _, _ in jobs]
+        processors = LogitsProcessorList()
+        if any(b is not None for b in biases):
+            zero = torch.zeros(self.vocab_size, dtype=torch.float32)
+            stacked = torch.stack([zero if b is None else b for b in biases])  # (B, V)
+            processors.append(LogitBiasProcessor(stacked))
+        device = next(self.model.parameters()).device
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new, return_dict_in_generate=True, output_logits=True,
+            pad_token_id=pad, eos_token_id=eos,
+            do_sample=False, temperature=None, top_p=None, top_k=None)
+        if first.min_tokens:
+            kwargs["min_new_tokens"] = first.min_tokens
+        watermark = self.config.defences.watermark
+        if first.temperature > 0:
+            # generate's own sampling order, then one draw per row from the row's generator
+            if first.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(first.temperature))
+            if first.top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p=first.top_p, min_tokens_to_keep=1))
+            if watermark is not None:
+                processors.append(watermark.construct_processor(self.text_vocab_size, device))
+            processors.append(_SeededRowSampler(
+                [r.seed if r.seed is not None else secrets.randbits(63) for r, _, _ in jobs]))
+        elif watermark is not None:
+            kwargs["watermarking_config"] = watermark
+        if processors:
+            kwargs["logits_processor"] = processors
+        with self.lock, torch.no_grad():
+            out = self.model.generate(input_ids=x.to(device), attention_mask=mask.to(device),
+                                      **kwargs)
+        return [self._body(req, lens[row], out.sequences[row, width:].tolist(),
+                           [step[row] for step in out.logits], biases[row])
+                for row, (req, _, _) in enumerate(jobs)]
+
+    def _body(self, req: ChatCompletionRequest, prompt_len: int, new_ids: list[int],
+              step_logits: list[torch.Tensor], bias: torch.Tensor | None) -> dict:
+        """The OpenAI chat completion for one answer: ``new_ids`` (cut at the end token)
+        and the raw logits of each generated position (``(V,)`` each)."""
+        tok = self.tokenizer
+        eos = tok.eos_token_id
         finish = "length"
         if eos is not None and eos in new_ids:
             new_ids = new_ids[: new_ids.index(eos)]
@@ -451,8 +608,8 @@ class _Engine:
             k = req.top_logprobs or 0
             entries = []
             for i, tid in enumerate(new_ids):
-                # out.logits are the raw logits (before any processor): add the bias by hand
-                logits = out.logits[i][0].float()  # (V,)
+                # the raw logits (before any processor): add the bias by hand
+                logits = step_logits[i].float()  # (V,)
                 if bias is not None:
                     logits = logits + bias.to(logits.device)
                 lp = torch.log_softmax(logits, dim=-1)  # (V,)
@@ -480,6 +637,90 @@ class _Engine:
             "usage": {"prompt_tokens": prompt_len, "completion_tokens": len(new_ids),
                       "total_tokens": prompt_len + len(new_ids)},
         }
+
+
+class _Batcher:
+    """Server-side batching: one thread answers the requests in flight, a batch at a time.
+
+    A request waits in a queue with its :meth:`_Engine.batch_key`; the thread takes the
+    oldest, adds every waiting request of the same key (up to ``max_batch_size``, waiting at
+    most ``batch_wait_ms`` for more) and answers them with :meth:`_Engine.complete_many`.
+    Requests of another key wait for a later batch, oldest first.
+    """
+
+    def __init__(self, engine: _Engine, config: ServerConfig, name: str) -> None:
+        self.engine, self.max_size = engine, config.max_batch_size
+        self.wait = config.batch_wait_ms / 1000.0
+        self.queue: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.stats = {"batches": 0, "requests": 0, "largest": 0}
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, req: ChatCompletionRequest, input_ids: torch.Tensor,
+               max_new: int) -> Future:
+        future: Future = Future()
+        self.queue.put((self.engine.batch_key(req, max_new), (req, input_ids, max_new), future))
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join(timeout)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.stats)
+
+    def _run(self) -> None:
+        backlog: deque = deque()
+        closing = False
+        while not closing:
+            first = backlog.popleft() if backlog else self.queue.get()
+            if first is None:
+                break
+            batch, keep = [first], deque()
+            for job in backlog:  # waiting requests of the same key join, oldest first
+                (batch if job[0] == first[0] and len(batch) < self.max_size else keep).append(job)
+            backlog = keep
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.max_size:
+                try:
+                    job = self.queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    break
+                if job is None:
+                    closing = True
+                    break
+                (batch if job[0] == first[0] else backlog).append(job)
+            self._answer(batch)
+        for job in backlog:  # pragma: no cover - only when stopped with requests waiting
+            _settle(job[2], error=RuntimeError("the server stopped"))
+
+    def _answer(self, batch: list) -> None:
+        with self.lock:
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(batch)
+            self.stats["largest"] = max(self.stats["largest"], len(batch))
+        try:
+            bodies = self.engine.complete_many([job for _, job, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
+            for _, _, future in batch:
+                _settle(future, error=exc)
+            return
+        for (_, _, future), body in zip(batch, bodies, strict=True):
+            _settle(future, result=body)
+
+
+def _settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve ``future`` unless its request was cancelled (the client went away)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # pragma: no cover - cancelled meanwhile
+        pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -603,16 +844,23 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return f"Invalid value for '{param}': {err.get('msg')}", param
 
 
-def create_app(model, tokenizer, config: ServerConfig | None = None):
-    """The FastAPI application serving ``model`` (use :func:`start_server` to run it)."""
+def create_app(model, tokenizer, config: ServerConfig | None = None, *,
+               batcher_name: str = "dd-teacher-api-batcher"):
+    """The FastAPI application serving ``model`` (use :func:`start_server` to run it).
+
+    With ``config.max_batch_size > 1`` it starts the batching thread (``batcher_name``);
+    ``app.state.batcher.close()`` stops it (:meth:`ServerHandle.stop` does).
+    """
     config = config or ServerConfig()
     engine = _Engine(model, tokenizer, config)
+    batcher = _Batcher(engine, config, batcher_name) if config.max_batch_size > 1 else None
     ledger = _Ledger(config)
     log = _RequestLog(config.request_log_size) if config.request_log else None
     # no /docs, /redoc or /openapi.json: a provider does not publish its schema unauthenticated
     app = FastAPI(title="Distill & Deploy teacher API", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.ledger = ledger
+    app.state.batcher = batcher
     app.state.request_log = log
     app.state.context_length = engine.context_length
     app.add_middleware(_Gateway, config=config, log=log)
@@ -717,7 +965,10 @@ def create_app(model, tokenizer, config: ServerConfig | None = None):
         ledger.admit(key)
         billed = False
         try:
-            body = await run_in_threadpool(engine.complete, req, input_ids, max_new)
+            if batcher is not None:
+                body = await asyncio.wrap_future(batcher.submit(req, input_ids, max_new))
+            else:
+                body = await run_in_threadpool(engine.complete, req, input_ids, max_new)
             billed = True
         finally:
             ledger.settle(key, billed)
@@ -794,6 +1045,12 @@ class ServerHandle:
                                "ServerConfig(..., request_log=True)")
         return log.snapshot()
 
+    def batch_stats(self) -> dict[str, int] | None:
+        """Server-side batching so far: ``batches``, ``requests`` and the ``largest`` batch
+        (``None`` when batching is off, ``max_batch_size=1``)."""
+        batcher = getattr(self._app.state, "batcher", None) if self._app is not None else None
+        return None if batcher is None else batcher.snapshot()
+
     def client(self, api_key: str | None = None, **kwargs: Any):
         """An ``openai.OpenAI`` client for this server (the first key by default)."""
         import openai
@@ -810,6 +1067,9 @@ class ServerHandle:
             if self._thread.is_alive():  # pragma: no cover - a stuck request
                 self._server.force_exit = True
                 self._thread.join(timeout)
+        batcher = getattr(self._app.state, "batcher", None) if self._app is not None else None
+        if batcher is not None:  # after the server: requests in flight are answered first
+            batcher.close(timeout)
         try:
             self._socket.close()
         except OSError:  # pragma: no cover
@@ -850,9 +1110,15 @@ def start_server(model, tokenizer, config: ServerConfig | None = None, *,
     app = create_app(model, tokenizer, config)
     family = socket.AF_INET6 if host == "::1" else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(64)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        if app.state.batcher is not None:
+            app.state.batcher.close()
+        raise
     bound_port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            lifespan="off", timeout_graceful_shutdown=5))
@@ -864,6 +1130,8 @@ def start_server(model, tokenizer, config: ServerConfig | None = None, *,
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
             sock.close()
+            if app.state.batcher is not None:
+                app.state.batcher.close()
             raise RuntimeError(f"the API server did not start within {timeout:.0f}s on port "
                                f"{bound_port}")
         time.sleep(0.01)

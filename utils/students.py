@@ -65,6 +65,13 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += [f"| {k.replace('_', ' ')} | {_pct(v)} | {_pct(t_safety.get(k))} |"
               for k, v in safety.items() if isinstance(v, float)]
     lines += ["", f"Perplexity on the test split: {card['metrics']['perplexity']:.3f}."]
+    if card.get("api_watermark"):
+        w = card["api_watermark"]
+        lines += ["", f"The teacher's API watermarked every answer this student was trained on "
+                      f"(Kirchenbauer et al. 2023: bias {w['bias']:g}, green list "
+                      f"{w['greenlist_ratio']:.0%}, {w['seeding_scheme']}, context "
+                      f"{w['context_width']}): `scripts/experiments_04_radioactivity.py` tests "
+                      "whether the student carries it (Sander et al. 2024)."]
     if card.get("grid"):
         g = card["grid"]
         lines += ["", f"Teacher-forced exact match on the grid's {g['n_eval']} prompts "
@@ -133,6 +140,13 @@ def ship_recipe(recipe: Any, name: str, *, provenance: dict[str, Any], grid: dic
         "data_manifest_sha256": recipe.extra.get("data_manifest_sha256"),
         "provenance": provenance,
     }
+    watermark = (recipe.extra or {}).get("watermark")
+    if watermark is not None:  # a student of a watermarked API (lesson 04's radioactivity)
+        from utils.extraction import watermark_config
+
+        card["api_watermark"] = watermark_config(watermark).to_dict()
+        card["description"] += (f"; every answer watermarked by the API (Kirchenbauer et al. "
+                                f"2023, bias {watermark:g})")
     folder = Path(root) if root is not None else students_dir()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))

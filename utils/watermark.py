@@ -353,3 +353,50 @@ def radioactivity_of_generations(generations: Iterable[Generation], vocab_size: 
     """
     return score_pairs(generation_pairs(generations, config), vocab_size, config,
                        ignore_repeated=True)
+
+
+@dataclass(frozen=True)
+class FreshRadioactivity:
+    """A suspect's radioactivity test on fresh prompts: the scores and what it wrote."""
+
+    scores: dict[str, WatermarkScore]  # "greedy", "sampled", "greedy+sampled"
+    greedy: list[Generation]
+    sampled: list[Generation]
+
+
+def radioactivity_on_fresh_prompts(model: Any, tokenizer: Any, prompts: Sequence[str],
+                                   config: Any, *, training_prompts: Iterable[str],
+                                   samples: int = 2, seed: int = 1000,
+                                   max_new_tokens: int = 128,
+                                   vocab_size: int | None = None) -> FreshRadioactivity:
+    """Sander et al. (2024), closed model, on prompts the suspect never saw (lesson 04).
+
+    The suspect answers every prompt greedily and ``samples`` times at temperature 1 (seeds
+    ``seed``, ``seed + 1``, ...; :func:`chat_generations`); each mode is one de-duplicated
+    binomial test (:func:`radioactivity_of_generations`). A prompt the suspect was trained on
+    would replay its training text (watermarked or not) and test memory instead of
+    radioactivity, so any prompt in ``training_prompts`` is refused with a ``ValueError``.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of str, got one str: wrap it in a list")
+    if not prompts:
+        raise ValueError("no prompts: give the suspect fresh prompts to answer")
+    if samples < 0:
+        raise ValueError(f"samples must be >= 0, got {samples}")
+    seen = set(training_prompts)
+    overlap = [p for p in prompts if p in seen]
+    if overlap:
+        raise ValueError(f"{len(overlap)} of {len(prompts)} prompts are training prompts (e.g. "
+                         f"{overlap[0][:60]!r}): test radioactivity on fresh prompts the suspect "
+                         "never saw (lesson 04 uses the validation split)")
+    vocab = vocab_size or int(model.config.get_text_config().vocab_size)
+    greedy = chat_generations(model, tokenizer, prompts, temperature=0.0,
+                              max_new_tokens=max_new_tokens)
+    sampled = [g for s in range(samples)
+               for g in chat_generations(model, tokenizer, prompts, temperature=1.0,
+                                         seed=seed + s, max_new_tokens=max_new_tokens)]
+    scores = {"greedy": radioactivity_of_generations(greedy, vocab, config)}
+    if sampled:
+        scores["sampled"] = radioactivity_of_generations(sampled, vocab, config)
+        scores["greedy+sampled"] = radioactivity_of_generations(greedy + sampled, vocab, config)
+    return FreshRadioactivity(scores, greedy, sampled)

@@ -251,7 +251,7 @@ def _timeout_message(exc: CheckTimeout) -> str:
 
 def run_check(exercise: str, name: str, fn: Callable[..., Any],
               cases: Callable[[Callable[..., Any]], None], *, quiet: bool = False,
-              success: str = "all checks passed.",
+              success: str | Callable[[], str] = "all checks passed.",
               time_limit: float | None = None) -> CheckResult:
     """Run ``cases(fn)`` and turn every outcome into a message for the learner.
 
@@ -265,6 +265,8 @@ def run_check(exercise: str, name: str, fn: Callable[..., Any],
     - another :class:`CheckSignal`: its status and message;
     - any other exception: the learner's code crashed; we name it and where (``error``).
     The kernel never sees an exception from here. The result is printed unless ``quiet``.
+    ``success`` may be a function called after the cases pass (a message with what they
+    measured, as the open experiments of :mod:`utils.checks.experiment` print).
     """
     if not callable(fn):
         result = CheckResult(exercise, name, "error",
@@ -291,7 +293,8 @@ def run_check(exercise: str, name: str, fn: Callable[..., Any],
                                  f"your function raised {type(exc).__name__}: {exc}"
                                  f"{_learner_frame(exc)}")
         else:
-            result = CheckResult(exercise, name, "passed", success)
+            result = CheckResult(exercise, name, "passed",
+                                 success() if callable(success) else success)
     _RESULTS[exercise] = result
     _RESULTS_BY_FUNCTION[id(fn)] = (fn, result)
     if not quiet:

@@ -8,6 +8,7 @@ when a value is wrong, compares it with the classic mistakes to say *which* one 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.checks import CheckResult, close, diagnose, expect, expect_close, run_check
+from utils.checks.experiment import Outcome, Setting, run_experiment, torch_threads
 from utils.distill import (
     add_class_bias,
     distillation_loss,
@@ -26,9 +28,11 @@ from utils.distill import (
 
 __all__ = [
     "check_distillation_loss",
+    "check_distillation_settings",
     "check_fit_class_bias",
     "check_kd_loss",
     "check_softmax_with_temperature",
+    "small_transfer_experiment",
 ]
 
 _LOGITS = torch.tensor([[2.0, 1.0, 0.1, -1.0],
@@ -323,3 +327,118 @@ def check_fit_class_bias(fn: Callable[..., Any]) -> CheckResult:
     return run_check("1.4", "fit_class_bias", fn, cases,
                      success="all checks passed: the bias is added to the right class, "
                              "errors are counted over all classes.")
+
+
+# ---------------------------------------------------------------- Exercise 1.5 (open experiment)
+# Hinton et al. (2015, section 5): soft targets as a regulariser when the transfer set is small.
+# The check trains the lesson's teacher on the full training split, then two students on only
+# SMALL_TRANSFER_PER_CLASS images per digit: one on the labels alone, one with the learner's
+# T and alpha. Same seeds, same initialisation and batches: the only difference is the loss.
+SMALL_TRANSFER_SEEDS = (0, 1, 2)  # splits; each also seeds the models and batches
+SMALL_TRANSFER_PER_CLASS = 10  # transfer-set images per digit (100 of about 1,000)
+SMALL_TRANSFER_EPOCHS = 300  # passes over the 100 images (one Adam step each)
+# The bar: test errors the distilled students save against the students alone, summed over the
+# seeds (the students alone make 175). Measured on the course machine, 2026-12-05, over T in
+# {1, 2, 4, 8, 20} x alpha in {0.5, 0.9, 1} (tests/test_checks_distill.py re-measures both
+# ends): alpha = 0 saves 0 (it is the same training as alone), T = 1 saves 7-11, T = 2 40-42,
+# T = 4 82-84, T = 8 and 20 91-93. The bar sits above T <= 2 and well below the best pairs.
+SMALL_TRANSFER_BAR = 60
+_TEACHER_HIDDEN, _TEACHER_DROPOUT, _STUDENT_HIDDEN = 256, 0.3, 128  # lesson 01's sizes
+
+
+@functools.lru_cache(maxsize=len(SMALL_TRANSFER_SEEDS) + 2)
+def _small_transfer_case(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    """(x_small, y_small, teacher logits on x_small, x_test, y_test, errors of the student
+    trained alone) for one seed; the teacher and the lone student are the same for every
+    choice, so they are trained once per process."""
+    from utils.digits import (
+        TrainConfig,
+        count_errors,
+        load_digits_split,
+        make_mlp,
+        predict_logits,
+        train_classifier,
+    )
+
+    split = load_digits_split(seed)
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seed it
+        torch.manual_seed(seed)  # here, so the teacher is the same whatever ran before
+        teacher = train_classifier(make_mlp(_TEACHER_HIDDEN, dropout=_TEACHER_DROPOUT, seed=seed),
+                                   split.x_train, split.y_train,
+                                   TrainConfig(epochs=100, batch_size=128, lr=1e-3), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.cat([torch.nonzero(split.y_train == d).flatten()[
+        torch.randperm(int((split.y_train == d).sum()), generator=g)[:SMALL_TRANSFER_PER_CLASS]]
+        for d in range(10)])  # (10 * per_class,) indices, stratified
+    x_small, y_small = split.x_train[keep], split.y_train[keep]
+    alone = train_classifier(make_mlp(_STUDENT_HIDDEN, seed=seed + 1000), x_small, y_small,
+                             _small_student_config(), seed=seed)
+    return (x_small, y_small, predict_logits(teacher, x_small), split.x_test, split.y_test,
+            count_errors(predict_logits(alone, split.x_test), split.y_test))
+
+
+def _small_student_config() -> Any:
+    from utils.digits import TrainConfig
+
+    return TrainConfig(epochs=SMALL_TRANSFER_EPOCHS, batch_size=128, lr=1e-3)
+
+
+def small_transfer_experiment(temperature: float, alpha: float,
+                              seeds: tuple[int, ...] = SMALL_TRANSFER_SEEDS) -> dict[str, Any]:
+    """Exercise 1.5's experiment: test errors of students trained on 10 images per digit.
+
+    Returns ``{"alone": [...], "distilled": [...], "saved": int}`` (per seed, and the errors
+    the distilled students save in total). A few seconds; the teachers are trained once per
+    process. Call it to try settings before you commit to a choice.
+    """
+    from utils.digits import count_errors, make_mlp, predict_logits, train_classifier
+
+    temperature, alpha = float(temperature), float(alpha)
+    if not temperature > 0 or not 0 <= alpha <= 1:
+        raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, got T = {temperature} "
+                         f"and alpha = {alpha}")
+
+    def objective(student_logits: Tensor, teacher_logits: Tensor | None,
+                  labels: Tensor) -> Tensor:
+        return distillation_loss(student_logits, teacher_logits, labels, temperature, alpha)
+
+    alone, distilled = [], []
+    with torch_threads(1):  # the same numbers in the notebook and in the tests
+        for seed in seeds:
+            x_small, y_small, soft, x_test, y_test, alone_errors = _small_transfer_case(seed)
+            student = train_classifier(make_mlp(_STUDENT_HIDDEN, seed=seed + 1000), x_small,
+                                       y_small, _small_student_config(), seed=seed,
+                                       loss_fn=objective, teacher_logits=soft)
+            alone.append(alone_errors)
+            distilled.append(count_errors(predict_logits(student, x_test), y_test))
+    return {"alone": alone, "distilled": distilled, "saved": sum(alone) - sum(distilled)}
+
+
+_DISTILL_SETTINGS = (
+    Setting("temperature", low=0.0, open_low=True, high=1000.0,
+            meaning="the distillation temperature T"),
+    Setting("alpha", low=0.0, high=1.0, meaning="the weight of the soft-target loss"),
+)
+
+
+def check_distillation_settings(fn: Callable[[], Any]) -> CheckResult:
+    """Exercise 1.5: ``fn()`` returns ``{"temperature": T, "alpha": a}``; the distilled students
+    on the small transfer set must save at least :data:`SMALL_TRANSFER_BAR` test errors."""
+
+    def measure(choice: dict[str, Any]) -> Outcome:
+        T, a = choice["temperature"], choice["alpha"]
+        r = small_transfer_experiment(T, a)
+        n_test = len(_small_transfer_case(SMALL_TRANSFER_SEEDS[0])[4])
+        what = (f"T = {T:g}, alpha = {a:g}: over {len(SMALL_TRANSFER_SEEDS)} seeds the distilled "
+                f"students made {sum(r['distilled'])} test errors (per seed {r['distilled']}), "
+                f"the students alone {sum(r['alone'])} ({r['alone']}, of {n_test} each): "
+                f"{r['saved']} saved; the bar is {SMALL_TRANSFER_BAR}")
+        if r["saved"] >= SMALL_TRANSFER_BAR:
+            return Outcome(True, what + " (met).")
+        return Outcome(False, what + " (missed).",
+                       "Look at what each knob does to the soft targets the student sees (the "
+                       "slider of section 2, the dark-knowledge map of section 3) and how much "
+                       "of the loss they get; try a few values with "
+                       "small_transfer_experiment(T, alpha) and compare.")
+
+    return run_experiment("1.5", "choose_distillation_settings", fn, _DISTILL_SETTINGS, measure)

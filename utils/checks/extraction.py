@@ -24,8 +24,8 @@ import numpy as np
 
 from utils.checks import CheckFailed, CheckResult, CheckSignal, expect, run_check
 
-__all__ = ["FakeTeacherClient", "check_harvest", "check_hidden_size_estimate",
-           "check_watermark_z"]
+__all__ = ["FakeTeacherClient", "check_defence_choice", "check_harvest",
+           "check_hidden_size_estimate", "check_watermark_z", "defence_experiment"]
 
 
 # --------------------------------------------------------------------------------------
@@ -383,3 +383,143 @@ def check_watermark_z(fn: Callable[..., Any], exercise: str = "4.3") -> CheckRes
 
     return run_check(exercise, "watermark_z", fn, cases,
                      success="z-score with each (previous, token) pair counted once.")
+
+
+# --------------------------------------------------------------------------------------
+# Exercise 4.4 (open experiment): the cheapest defence that stops the SVD attack
+# --------------------------------------------------------------------------------------
+# The attacker of section 4, with a budget: it needs full logprob vectors of many prompts. An
+# untruncated API gives one per query; against top-k it recovers each vector with logit_bias
+# (section 5.1: 1 + ceil((V - k) / (k - 1)) queries, every value a difference of two readings);
+# whatever budget is left it spends repeating the queries and averaging away noise (section
+# 5.1's 1 / sqrt(n)), up to DEFENCE_MAX_REPEATS. The check simulates the defended API with the
+# server's own arithmetic (Gaussian noise, clip at 0, rounding: utils.serve) on the clean
+# logprob matrix, instead of sending about DEFENCE_ATTACK_BUDGET requests.
+DEFENCE_ATTACK_BUDGET = 200_000  # attacker queries (a few dollars at API prices)
+DEFENCE_MAX_REPEATS = 64  # readings averaged per value at most (the lesson's NOISE_REPEATS)
+# The bar on what honest users pay: mean |logprob error| on each query's true top-10 tokens,
+# one reading (section 5's "mean |logprob error|", a missing token read as the smallest
+# listed). Measured on the course machine, 2026-12-05, on the teacher's 176 x 768 matrix
+# (tests/test_checks_extraction.py re-measures both ends): no defence, or truncation alone,
+# leaves the attack working at no cost; rounding to 2 decimals (0.0022) or noise up to 0.025
+# nats alone (0.019) do not stop it; rounding to 1 decimal stops it for 0.022, the lesson's
+# noise of 0.1 nats for 0.075; truncation to the top 10 plus noise of 0.015 nats stops it for
+# 0.011 (noise seeds 0-4: 0.011-0.0115), because truncation leaves the attacker 13 repeats
+# instead of 64. The bar sits between that and the single defences.
+DEFENCE_COST_BAR = 0.02
+
+
+def _defended(values: np.ndarray, rng: np.random.Generator, round_decimals: int | None,
+              noise_scale: float) -> np.ndarray:
+    """What the defended API returns for these true logprobs (utils.serve's arithmetic)."""
+    out = values.astype(np.float64)
+    if noise_scale > 0:
+        out = np.minimum(out + rng.normal(0.0, noise_scale, size=out.shape), 0.0)
+    if round_decimals is not None:
+        out = np.round(out, round_decimals)
+    return out
+
+
+def defence_experiment(clean_logprobs: Any, hidden_size: int, *, top_k: int | None = None,
+                       round_decimals: int | None = None, noise_scale: float = 0.0,
+                       budget: int = DEFENCE_ATTACK_BUDGET, seed: int = 0) -> dict[str, Any]:
+    """Exercise 4.4's experiment: the SVD attack against a defended API, and the honest cost.
+
+    ``clean_logprobs`` is the undefended (n, V) logprob matrix of section 4 (one full vector
+    per prompt), ``hidden_size`` the true h. Returns the attacker's queries per vector, the
+    vectors and repeats it could afford, its estimate of h, whether the attack was stopped
+    (estimate not h or h - 1), its mean |error| on the recovered logprobs, and the honest
+    cost. About a second. Call it to try defences before you commit to a choice.
+    """
+    from utils.extraction import hidden_size_from_logits
+
+    q = np.asarray(clean_logprobs, dtype=np.float64)
+    if q.ndim != 2 or q.shape[0] < 2:
+        raise ValueError(f"clean_logprobs should be an (n, V) matrix, got shape {q.shape}")
+    n, vocab = q.shape
+    if top_k is not None and not 2 <= top_k:
+        raise ValueError(f"top_k must be None (no truncation) or >= 2, got {top_k}")
+    truncated = top_k is not None and top_k < vocab
+    per_vector = 1 + math.ceil((vocab - top_k) / (top_k - 1)) if truncated else 1
+    vectors = min(n, budget // per_vector)
+    repeats = max(1, min(DEFENCE_MAX_REPEATS, budget // max(1, vectors * per_vector)))
+    if noise_scale == 0:
+        repeats = 1  # without noise every reading is the same number: repeating buys nothing
+    rng = np.random.default_rng(seed)
+    rows = q[:vectors]
+    total = np.zeros_like(rows)
+    groups = (np.arange(vocab) // (top_k - 1)) if truncated else None
+    ref = rows.argmax(axis=1)  # the reference token of section 5.1: each row's top token
+    for _ in range(repeats):
+        reading = _defended(rows, rng, round_decimals, noise_scale)
+        if truncated:  # value = reading_i - reading_ref (same biased query) + true ref
+            ref_reading = _defended(np.repeat(rows[np.arange(vectors), ref][:, None],
+                                              groups.max() + 1, axis=1),
+                                    rng, round_decimals, noise_scale)  # (vectors, groups)
+            reading = (reading - ref_reading[:, groups]
+                       + rows[np.arange(vectors), ref][:, None])
+        total += reading
+    recovered = total / repeats
+    if vectors >= 3:
+        estimate, _ = hidden_size_from_logits(recovered)
+    else:
+        estimate = 0  # too few vectors to stack: no cliff to read
+    stopped = estimate not in (hidden_size, hidden_size - 1) or vectors <= hidden_size + 1
+    # honest users: one reading, the true top-10 of each query (the lesson's top10_cost)
+    honest_rng = np.random.default_rng(seed + 1)
+    listed = min(top_k, vocab) if truncated else vocab
+    err = []
+    for row in q:
+        order = np.argsort(row)[::-1]
+        seen = _defended(row[order[:listed]], honest_rng, round_decimals, noise_scale)
+        top10 = np.concatenate([seen[:10], np.full(max(0, 10 - listed), seen.min())])
+        err.append(float(np.mean(np.abs(top10 - row[order[:10]]))))
+    return {"queries_per_vector": per_vector, "vectors": int(vectors), "repeats": int(repeats),
+            "estimate": int(estimate), "attack_stopped": bool(stopped),
+            "recovery_error": float(np.mean(np.abs(recovered - rows))),
+            "honest_cost": float(np.mean(err))}
+
+
+def _defence_settings() -> tuple:
+    from utils.checks.experiment import Setting
+
+    return (
+        Setting("top_k", kind="int", low=2, optional=True,
+                meaning="most logprobs per token the API returns (None: all)"),
+        Setting("round_decimals", kind="int", low=0, high=10, optional=True,
+                meaning="decimals the logprobs are rounded to (None: no rounding)"),
+        Setting("noise_scale", low=0.0, high=10.0,
+                meaning="Gaussian noise on every logprob, in nats (0: none)"),
+    )
+
+
+def check_defence_choice(fn: Callable[[], Any], clean_logprobs: Any, hidden_size: int,
+                         exercise: str = "4.4") -> CheckResult:
+    """Exercise 4.4: ``fn()`` returns ``{"top_k": ..., "round_decimals": ..., "noise_scale":
+    ...}``; the defended API must stop the SVD attack (:func:`defence_experiment`) while
+    costing honest users at most :data:`DEFENCE_COST_BAR` nats on their top-10."""
+    from utils.checks.experiment import Outcome, run_experiment
+
+    def measure(choice: dict[str, Any]) -> Outcome:
+        r = defence_experiment(clean_logprobs, hidden_size, **choice)
+        said = ", ".join(f"{k} = {v}" for k, v in choice.items())
+        attack = (f"the attacker ({DEFENCE_ATTACK_BUDGET:,} queries: {r['vectors']} vectors at "
+                  f"{r['queries_per_vector']} queries each, {r['repeats']} reading(s) averaged) "
+                  f"estimates h = {r['estimate']} (true {hidden_size}): "
+                  + ("stopped" if r["attack_stopped"] else "NOT stopped")
+                  + f", its logprobs off by {r['recovery_error']:.2g} nats on average")
+        cost = (f"honest users pay {r['honest_cost']:.3g} nats on their top-10 (bar "
+                f"{DEFENCE_COST_BAR:g})")
+        what = f"{said}: {attack}; {cost}"
+        if r["attack_stopped"] and r["honest_cost"] <= DEFENCE_COST_BAR:
+            return Outcome(True, what + ". Both met.")
+        if not r["attack_stopped"]:
+            return Outcome(False, what + ". The attack still works.",
+                           "Look at what each defence does to the singular values near the "
+                           "cliff (section 5's plot) and what the attacker can buy back with "
+                           "repeated queries; try defence_experiment(...) with a few settings.")
+        return Outcome(False, what + ". Too expensive for honest users.",
+                       "Something weaker can still hide the cliff: compare how each defence's "
+                       "cost and the attack's error scale as you loosen it.")
+
+    return run_experiment(exercise, "choose_defence", fn, _defence_settings(), measure)

@@ -337,3 +337,102 @@ def check_greedy_decode(fn: Callable[..., Any]) -> CheckResult:
     """Exercise 2.3: ``greedy_decode(model, input_ids, max_new_tokens, eos_token_id)``."""
     return run_check("2.3", "greedy_decode", fn, _greedy_cases,
                      success="all checks passed: your loop matches model.generate token for token.")
+
+
+# ------------------------------------------------------------- 2.4 open experiment: the schedule
+# Train a small model for a fixed, short budget and reach a validation perplexity: the learner
+# chooses the learning-rate schedule. The check builds the model (seeded), trains it with
+# utils.train.train_lm on the world's training chats and measures perplexity on the lesson's 64
+# validation chats (section 4), the same numbers every time on one thread.
+SCHEDULE_SHAPE = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}  # small: seconds per run
+SCHEDULE_STEPS = 40  # optimizer steps (the budget)
+SCHEDULE_BATCH = 16  # chats per step
+SCHEDULE_N_VAL = 64  # validation chats (the lesson's section 4)
+# The bar on validation perplexity. Measured on the course machine, 2026-12-06 (seeded, one
+# thread; tests/test_checks_lm.py re-measures both ends), cosine with 10% warm-up unless said:
+# lr 5e-5 (Trainer's default, linear) 692, 3e-4 457, 1e-3 200, 3e-3 (the lesson's LR) 63,
+# 5e-3 41, 1e-2 37 (20% warm-up 38, linear 38, constant 45), 2e-2 45, 3e-2 66, 1e-1 85.
+SCHEDULE_PPL_BAR = 45.0
+_SCHEDULE_DATA: dict[int, tuple[Any, Any, Any]] = {}  # id(tokenizer) -> (tokenizer, train, val)
+
+
+def _schedule_data(tokenizer: Any) -> tuple[Any, Any]:
+    entry = _SCHEDULE_DATA.get(id(tokenizer))
+    if entry is not None and entry[0] is tokenizer:
+        return entry[1], entry[2]
+    from utils.data import load_world
+    from utils.train import PadCollator, prepare_dataset
+
+    world = load_world()
+    train = prepare_dataset(world["train"].select(range(SCHEDULE_STEPS * SCHEDULE_BATCH * 2)),
+                            tokenizer)
+    val = prepare_dataset(world["validation"].select(range(SCHEDULE_N_VAL)), tokenizer)
+    batch = PadCollator(tokenizer.pad_token_id)([val[i] for i in range(len(val))])
+    _SCHEDULE_DATA[id(tokenizer)] = (tokenizer, train, batch)
+    return train, batch
+
+
+def schedule_experiment(tokenizer: Any, *, lr: float, warmup_steps: float,
+                        scheduler: str = "cosine", seed: int = 0) -> dict[str, Any]:
+    """Exercise 2.4's experiment: validation perplexity after :data:`SCHEDULE_STEPS` steps.
+
+    Builds a ``SCHEDULE_SHAPE`` model with ``seed``, trains it with ``utils.train.train_lm``
+    (``lr``, ``warmup_steps`` as a fraction of the steps when below 1, ``scheduler`` one of
+    transformers' names: ``"cosine"``, ``"linear"``, ``"constant"``...) and returns the
+    validation perplexity, the last training losses and the seconds it took. A few seconds.
+    Call it to try schedules before you commit to one.
+    """
+    from utils.checks.experiment import torch_threads
+    from utils.models import ModelConfig, build_model
+    from utils.train import train_lm
+
+    train, batch = _schedule_data(tokenizer)
+    config = ModelConfig(vocab_size=len(tokenizer), max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **SCHEDULE_SHAPE)
+    with torch_threads(1):  # the same numbers in the notebook and in the tests
+        model = build_model(config, seed=seed)
+        run = train_lm(model, tokenizer, train, max_steps=SCHEDULE_STEPS,
+                       batch_size=SCHEDULE_BATCH, lr=lr, warmup_steps=warmup_steps,
+                       scheduler=scheduler, seed=seed, logging_steps=5, progress=False)
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"])
+    loss = float(out.loss)
+    return {"perplexity": math.exp(loss) if math.isfinite(loss) else math.inf,
+            "train_seconds": run.train_seconds,
+            "last_losses": [round(loss_, 3) for _, loss_ in run.train_losses][-3:]}
+
+
+def check_schedule_choice(fn: Callable[[], Any], tokenizer: Any,
+                          exercise: str = "2.4") -> CheckResult:
+    """Exercise 2.4: ``fn()`` returns ``{"lr": ..., "warmup_steps": ..., "scheduler": ...}``;
+    the small model trained for :data:`SCHEDULE_STEPS` steps must reach a validation perplexity
+    of at most :data:`SCHEDULE_PPL_BAR`."""
+    from utils.checks.experiment import Outcome, Setting, run_experiment
+
+    settings = (
+        Setting("lr", low=0.0, open_low=True, high=1.0, meaning="peak learning rate"),
+        Setting("warmup_steps", low=0.0, high=SCHEDULE_STEPS,
+                meaning="warm-up: a fraction of the steps below 1, else a number of steps"),
+        Setting("scheduler", kind="choice",
+                choices=("cosine", "linear", "constant", "constant_with_warmup"),
+                meaning="the decay after the warm-up"),
+    )
+
+    def measure(choice: dict[str, Any]) -> Outcome:
+        r = schedule_experiment(tokenizer, **choice)
+        said = ", ".join(f"{k} = {v!r}" for k, v in choice.items())
+        what = (f"{said}: after {SCHEDULE_STEPS} steps of {SCHEDULE_BATCH} chats the model's "
+                f"validation perplexity is {r['perplexity']:.2f} (bar {SCHEDULE_PPL_BAR:g}; a "
+                f"uniform guess is {len(tokenizer)}), trained in {r['train_seconds']:.1f} s")
+        if r["perplexity"] <= SCHEDULE_PPL_BAR:
+            return Outcome(True, what + " (met).")
+        return Outcome(False, what + " (missed).",
+                       "Watch the training loss of a few tries (schedule_experiment returns the "
+                       "last ones): does it fall too slowly, or jump around? Vary the peak "
+                       "learning rate by factors of 3 before you touch anything else.")
+
+    return run_experiment(exercise, "choose_schedule", fn, settings, measure)

@@ -31,7 +31,8 @@ from utils.quantize import (
     unpack_int4,
 )
 
-__all__ = ["check_kl_and_flip_rate", "check_quantize_dequantize", "check_quantize_groupwise_int4"]
+__all__ = ["check_kl_and_flip_rate", "check_quantization_choice", "check_quantize_dequantize",
+           "check_quantize_groupwise_int4", "quantization_experiment"]
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
@@ -335,3 +336,164 @@ def check_kl_and_flip_rate(fn: Callable[..., Any], exercise: str = "5.3") -> Che
                "argmax indices, not the maximum values.")
 
     return run_check(exercise, "kl_and_flip_rate", fn, cases)
+
+
+# ---------------------------------------------------------------- Exercise 5.4 (open experiment)
+# Quantize the distilled student (section 10) to fit a size budget while staying close to its
+# fp32 self. The check packs the student with the learner's settings (the size), fake-quantizes
+# it with the same numbers and measures KL to fp32 and exact match on the lesson's evaluation
+# set (every k-th test skill prompt, QUANT_N_EVAL of them, teacher-forced as in section 4).
+QUANT_N_EVAL = 200  # the lesson's N_EVAL
+# The budget: bytes of the student's quantized Linear weights (codes, scales, zero points) and
+# the quality bars: KL to the fp32 student, nats per answer token, and at most this many more
+# wrong answers than fp32 on the QUANT_N_EVAL prompts. Measured on the course machine,
+# 2026-12-05 (tests/test_checks_quantize.py re-measures both ends): per-channel int8 takes
+# 121,248 bytes (KL 2e-5); every layer at 4 bits keeps KL at 0.0029 or above (group 16, 104,208
+# bytes, 4 answers lost; group 32, 84,168 bytes, KL 0.0048); 4 bits with group 64 but layers 0
+# and 2 kept at int8 takes 104,472 bytes for KL 0.0016 and 1 answer gained.
+QUANT_SIZE_BUDGET = 110_000
+QUANT_KL_BAR = 0.0025
+QUANT_MAX_ANSWERS_LOST = 2
+
+
+# The evaluation batches per tokenizer (kept with it, so a reused id() cannot mix them up).
+_EVAL_BATCHES: dict[int, tuple[Any, list[dict[str, torch.Tensor]]]] = {}
+
+
+def _quant_eval_batches(tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """The lesson's evaluation set (section 4): every k-th test skill prompt, padded batches."""
+    entry = _EVAL_BATCHES.get(id(tokenizer))
+    if entry is not None and entry[0] is tokenizer:
+        return entry[1]
+    from utils.data import load_world
+    from utils.train import PadCollator, tokenize_chat
+
+    test = [dict(r) for r in load_world("test")]
+    skill = [r for r in test if r["kind"] == "skill" and r.get("answer") is not None]
+    records = skill[::len(skill) // QUANT_N_EVAL][:QUANT_N_EVAL]
+    enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tokenizer, 256)
+    features = [{"input_ids": i, "attention_mask": a, "labels": lab}
+                for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"],
+                                     strict=True)]
+    batches = [PadCollator(tokenizer.pad_token_id)(features[i:i + 100])
+               for i in range(0, len(features), 100)]
+    _EVAL_BATCHES[id(tokenizer)] = (tokenizer, batches)
+    return batches
+
+
+@torch.no_grad()
+def _answer_logits(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[tuple]:
+    from utils.train import IGNORE_INDEX
+
+    out = []
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"][:, 1:]
+        out.append((logits[:, :-1].float(), labels, labels != IGNORE_INDEX))  # (B, T-1, V)
+    return out
+
+
+def _score_kl(ref: list[tuple], got: list[tuple]) -> tuple[int, float]:
+    correct, kl_sum, n = 0, 0.0, 0
+    for (r, labels, mask), (q, _, _) in zip(ref, got, strict=True):
+        correct += int((((q.argmax(-1) == labels) | ~mask).all(-1)).sum())
+        kl_sum += kl_to_reference(r, q, mask) * int(mask.sum())
+        n += int(mask.sum())
+    return correct, kl_sum / n
+
+
+def quantization_experiment(model: Any, tokenizer: Any, *, bits: int, group_size: int | None,
+                            symmetric: bool = False, keep_8bit: Any = ()) -> dict[str, Any]:
+    """Exercise 5.4's experiment: size and quality of ``model`` quantized with these settings.
+
+    Every Linear weight gets ``bits`` with ``group_size`` (``symmetric`` or not), except the
+    layers whose name contains one of the strings in ``keep_8bit`` (e.g. ``"down_proj"``,
+    ``"layers.0."``): those get section 5's int8 (per output channel, symmetric), the mixed
+    precision that section 10's sensitivity suggests. Returns the packed Linear bytes, bits
+    per weight, KL to the fp32 model (nats per answer token), exact answers of fp32 and of the
+    quantized model on the lesson's evaluation set, and which layers stayed at 8 bits. A few
+    seconds for the student. Call it to try settings before you commit to a choice.
+    """
+    import copy
+
+    from utils.checks.experiment import torch_threads
+    from utils.quantize import quantizable_linears, quantize_groupwise
+
+    keep = [str(k) for k in keep_8bit]
+    batches = _quant_eval_batches(tokenizer)
+    quantized = copy.deepcopy(model).eval()
+    size, n_weights, kept = 0, 0, []
+    with torch.no_grad():
+        for name, lin in quantizable_linears(quantized).items():
+            if any(k in name for k in keep):
+                qt = quantize_groupwise(lin.weight, 8, None, True)
+                kept.append(name)
+            else:
+                qt = quantize_groupwise(lin.weight, bits, group_size, symmetric)
+            size += qt.nbytes
+            n_weights += lin.weight.numel()
+            lin.weight.copy_(qt.dequantize(lin.weight.dtype))
+    with torch_threads(1):  # the same numbers in the notebook and in the tests
+        ref = _answer_logits(model, batches)
+        got = _answer_logits(quantized, batches)
+    fp32_correct, _ = _score_kl(ref, ref)
+    correct, kl = _score_kl(ref, got)
+    return {"bytes": size, "bits_per_weight": 8 * size / n_weights, "kl_to_fp32": kl,
+            "correct": correct, "fp32_correct": fp32_correct, "kept_8bit": kept,
+            "n_eval": sum(len(b["input_ids"]) for b in batches)}
+
+
+def check_quantization_choice(fn: Callable[[], Any], model: Any, tokenizer: Any,
+                              exercise: str = "5.4") -> CheckResult:
+    """Exercise 5.4: ``fn()`` returns ``{"bits", "group_size", "symmetric", "keep_8bit"}``;
+    the quantized ``model`` must fit :data:`QUANT_SIZE_BUDGET` bytes with a KL to fp32 of at
+    most :data:`QUANT_KL_BAR` and at most :data:`QUANT_MAX_ANSWERS_LOST` answers lost."""
+    from utils.checks.experiment import Outcome, Setting, run_experiment
+    from utils.quantize import SUPPORTED_BITS
+
+    settings = (
+        Setting("bits", kind="choice", choices=SUPPORTED_BITS, meaning="bits per code"),
+        Setting("group_size", kind="int", low=2, high=4096, optional=True,
+                meaning="weights sharing one scale (None: one per output row)"),
+        Setting("symmetric", kind="choice", choices=(False, True),
+                meaning="no zero point (True) or a zero point per group (False)"),
+        Setting("keep_8bit", kind="names",
+                meaning="parts of layer names kept at int8, e.g. ['down_proj'] or []"),
+    )
+
+    def measure(choice: dict[str, Any]) -> Outcome:
+        from utils.quantize import quantizable_linears
+
+        names = list(quantizable_linears(model))
+        for part in choice["keep_8bit"]:
+            expect(any(part in n for n in names),
+                   f"keep_8bit: {part!r} is part of no Linear layer's name; the names look like "
+                   f"{names[0]!r} ... {names[-1]!r}.")
+        try:
+            r = quantization_experiment(model, tokenizer, **choice)
+        except ValueError as exc:  # e.g. a group size that does not hold whole bytes
+            raise CheckFailed(f"these settings cannot be packed: {exc}") from None
+        lost = r["fp32_correct"] - r["correct"]
+        said = ", ".join(f"{k} = {v}" for k, v in choice.items())
+        what = (f"{said} ({len(r['kept_8bit'])} layers at int8): {r['bytes']:,} bytes of Linear "
+                f"weights ({r['bits_per_weight']:.2f} "
+                f"bits per weight; budget {QUANT_SIZE_BUDGET:,}), KL to fp32 "
+                f"{r['kl_to_fp32']:.4f} nats/token (bar {QUANT_KL_BAR:g}), {r['correct']} of "
+                f"{r['n_eval']} answers exact vs {r['fp32_correct']} in fp32 ("
+                f"{f'{lost} lost' if lost >= 0 else f'{-lost} gained'}; at most "
+                f"{QUANT_MAX_ANSWERS_LOST} may be lost)")
+        fits = r["bytes"] <= QUANT_SIZE_BUDGET
+        good = r["kl_to_fp32"] <= QUANT_KL_BAR and lost <= QUANT_MAX_ANSWERS_LOST
+        if fits and good:
+            return Outcome(True, what + ". Both met.")
+        if not fits:
+            return Outcome(False, what + ". Over the size budget.",
+                           "Work out what each setting costs per weight (the codes, and a scale "
+                           "and zero point per group: section 9 prints the arithmetic) before "
+                           "you measure.")
+        return Outcome(False, what + ". Too far from fp32.",
+                       "Within the budget, where does the error come from (section 3: "
+                       "granularity; section 10: this student's sensitivity)? Spend the bytes "
+                       "there; quantization_experiment(...) tries a setting in seconds.")
+
+    return run_experiment(exercise, "choose_quantization", fn, settings, measure)
