@@ -25,7 +25,6 @@ and run ``--build DIR``; the sha256 of the packages used is in ENGLISH_WORDS.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as a plain script
     sys.path.insert(0, str(ROOT))
 
+from utils.io import sha256_file  # noqa: E402
 from utils.paths import data_dir  # noqa: E402
 
 WORDS_FILE = "safety/english_words.txt"  # under data/
@@ -66,10 +66,6 @@ def build(dict_dir: Path) -> list[str]:
     return sorted(small | {w for w in large if len(w) > SHORT})
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/english_words.py",
                                 description=__doc__.splitlines()[0])
@@ -83,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
         words = build(args.build)
         atomic_write_text(path, "".join(w + "\n" for w in words))
-        print(f"wrote {len(words)} words to {path}; sha256 {digest(path)}")
+        print(f"wrote {len(words)} words to {path}; sha256 {sha256_file(path)}")
         return 0
     if not path.is_file():
         print(f"{path} is missing: restore it from the repository", file=sys.stderr)
         return 1
-    got = digest(path)
+    got = sha256_file(path)
     print(f"{path.name}: {sum(1 for _ in path.open(encoding='utf-8'))} words, sha256 {got}")
     if args.check and got != SHA256:
         print(f"sha256 differs from the recorded {SHA256}: rebuild it (see --help)",

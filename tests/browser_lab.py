@@ -115,6 +115,18 @@ class Lab:
         return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
 
 
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True``: SIGTERM to its process group
+    (jupyter_server shuts its kernels down before it exits), SIGKILL after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 @contextmanager
 def running_lab(root: Path, token: str, env: dict[str, str]) -> Iterator[Lab]:
     """JupyterLab serving ``root`` on 127.0.0.1 at a free port; stopped (its whole process
@@ -139,14 +151,7 @@ def running_lab(root: Path, token: str, env: dict[str, str]) -> Iterator[Lab]:
             time.sleep(0.5)
         yield lab
     finally:
-        if proc.poll() is None:
-            # SIGTERM: jupyter_server shuts its kernels down before it exits
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_process_group(proc)
         # Kernels run in sessions of their own (jupyter_client), so a killpg above does not
         # reach them: find any kernel of this server still alive by its JPY_PARENT_PID.
         for pid in kernels_of(proc.pid):

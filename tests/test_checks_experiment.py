@@ -17,8 +17,8 @@ from utils.checks.experiment import (
     Setting,
     read_choice,
     run_experiment,
-    torch_threads,
 )
+from utils.device import torch_threads
 from utils.grade import check_results
 
 SETTINGS = (

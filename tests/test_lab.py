@@ -6,7 +6,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import utils.lab as lab
+from tests.browser_lab import stop_process_group
 from utils.doctor import KERNEL_DISPLAY, KERNEL_NAME
 from utils.lab import LAB_OVERRIDES, free_port, lab_command, lab_settings_dir, write_lab_overrides
 from utils.paths import repo_root
@@ -189,13 +189,7 @@ def test_lab_server_answers_on_localhost(tmp_path):
         assert KERNEL_NAME in specs, f"JupyterLab does not offer {KERNEL_NAME!r}: {sorted(specs)}"
         assert specs[KERNEL_NAME]["spec"]["argv"][0] == sys.executable, "run `make install`"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_process_group(proc)
         log.close()
     assert proc.returncode is not None
     with pytest.raises(ProcessLookupError):

@@ -492,6 +492,7 @@ def runtime_experiment(model: Any, onnx_fp32: Any, prompts: list[Any], eos_token
     import torch
 
     from utils.deploy import file_bytes, load_onnx_session, ort_generate, reference_generations
+    from utils.device import torch_threads
     from utils.quantize import quantize_dynamic_int8
 
     if runtime not in ("pytorch", "onnxruntime"):
@@ -501,9 +502,7 @@ def runtime_experiment(model: Any, onnx_fp32: Any, prompts: list[Any], eos_token
     if runtime == "pytorch" and precision == "int4":
         raise ValueError("PyTorch has no 4-bit CPU kernel in this course (lesson 05 fakes it in "
                          "float); 4-bit runs in ONNX Runtime (MatMulNBits)")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         if runtime == "pytorch":
             variant = model if precision == "fp32" else quantize_dynamic_int8(model)
 
@@ -552,8 +551,6 @@ def runtime_experiment(model: Any, onnx_fp32: Any, prompts: list[Any], eos_token
             same = sum(int(a == b) for a, b in zip(got, want, strict=False))
             flips += length - same
             total += length
-    finally:
-        torch.set_num_threads(before)
     fp32_bytes = file_bytes(onnx_fp32)
     return {"bytes": int(size), "fp32_bytes": int(fp32_bytes), "tokens_per_s": mine_speed,
             "pytorch_fp32_tokens_per_s": base_speed, "speedup": mine_speed / base_speed,

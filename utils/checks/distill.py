@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.checks import CheckResult, close, diagnose, expect, expect_close, run_check
-from utils.checks.experiment import Outcome, Setting, run_experiment, torch_threads
+from utils.checks.experiment import Outcome, Setting, run_experiment
+from utils.device import torch_threads
 from utils.distill import (
     add_class_bias,
     distillation_loss,

@@ -388,7 +388,7 @@ def repair_experiment(student: Any, teacher: Any, tokenizer: Any, *, transfer: s
     """
     import copy
 
-    from utils.checks.experiment import torch_threads
+    from utils.device import torch_threads
     from utils.distill_trainer import distill_lm
     from utils.evaluate import teacher_forced_exact_match
     from utils.train import train_lm

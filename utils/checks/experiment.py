@@ -25,14 +25,13 @@ so the result prints as ``[PASS]``/``[FAIL]``/``[TODO]`` like every other exerci
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from utils.checks import CheckFailed, CheckResult, CheckSignal, run_check
 
-__all__ = ["ChoiceNotMade", "Outcome", "Setting", "read_choice", "run_experiment", "torch_threads"]
+__all__ = ["ChoiceNotMade", "Outcome", "Setting", "read_choice", "run_experiment"]
 
 
 class ChoiceNotMade(CheckSignal):
@@ -177,21 +176,3 @@ def run_experiment(exercise: str, name: str, fn: Callable[[], Any],
 
     return run_check(exercise, name, fn, cases, time_limit=time_limit,
                      success=lambda: box["outcome"].message)
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch CPU threads, then restore the previous count.
-
-    The experiments pin their thread count so a measured outcome is the same number in the
-    notebook (which may use 1 or 2 threads) and in the tests: float sums in another order can
-    move a test error or two, and a bar is only meaningful on a reproducible measurement.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

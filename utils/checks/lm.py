@@ -382,7 +382,7 @@ def schedule_experiment(tokenizer: Any, *, lr: float, warmup_steps: float,
     validation perplexity, the last training losses and the seconds it took. A few seconds.
     Call it to try schedules before you commit to one.
     """
-    from utils.checks.experiment import torch_threads
+    from utils.device import torch_threads
     from utils.models import ModelConfig, build_model
     from utils.train import train_lm
 

@@ -416,7 +416,7 @@ def quantization_experiment(model: Any, tokenizer: Any, *, bits: int, group_size
     """
     import copy
 
-    from utils.checks.experiment import torch_threads
+    from utils.device import torch_threads
     from utils.quantize import quantizable_linears, quantize_groupwise
 
     keep = [str(k) for k in keep_8bit]
