@@ -436,11 +436,12 @@ def quality_metrics(name: str, model: Any, tokenizer: Any, records: Sequence[dic
 def prompt_ids(tokenizer: Any, prompt: str) -> Any:
     """``(1, T)`` token ids of one user turn through the chat template (the benchmark's
     prompt, as lesson 06 times it)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
     import numpy as np
 
-    return np.asarray([tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+    from utils.extraction import prompt_ids as chat_prompt_ids
+
+    return np.asarray([chat_prompt_ids([{"role": "user", "content": prompt}], tokenizer)],
+                      dtype=np.int64)
 
 
 @dataclass

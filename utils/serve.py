@@ -498,36 +498,12 @@ class _Engine:
 
     def complete(self, req: ChatCompletionRequest, input_ids: torch.Tensor | None = None,
                  max_new: int | None = None) -> dict:
-        tok = self.tokenizer
+        """One request: a batch of one through :meth:`complete_many` (one generation path)."""
         if input_ids is None:
             input_ids = self.encode(req)
         if max_new is None:
             max_new = self.completion_tokens(req, input_ids.shape[1])
-        eos = tok.eos_token_id
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new, return_dict_in_generate=True, output_logits=True,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-            eos_token_id=eos)
-        if req.min_tokens:
-            kwargs["min_new_tokens"] = req.min_tokens  # the end token is masked until then
-        if req.temperature > 0:
-            kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self.config.defences.watermark is not None:
-            kwargs["watermarking_config"] = self.config.defences.watermark
-        bias = self.bias_vector(req.logit_bias)
-        if bias is not None:
-            kwargs["logits_processor"] = LogitsProcessorList([LogitBiasProcessor(bias)])
-        device = next(self.model.parameters()).device
-        with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(req.seed if req.seed is not None else secrets.randbits(63))
-            out = self.model.generate(input_ids=input_ids.to(device),
-                                      attention_mask=torch.ones_like(input_ids).to(device),
-                                      **kwargs)
-        prompt_len = input_ids.shape[1]
-        return self._body(req, prompt_len, out.sequences[0, prompt_len:].tolist(),
-                          [step[0] for step in out.logits], bias)
+        return self.complete_many([(req, input_ids, max_new)])[0]
 
     def batch_key(self, req: ChatCompletionRequest, max_new: int) -> tuple:
         """Requests with equal keys can share one batched ``generate`` call."""
