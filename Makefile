@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
-.PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute experiments \
+.PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute experiments multi-answer \
         doctor teacher teacher-answers data results-doc clean install-mobile students regimes \
         browser browser-test
 
@@ -126,9 +126,14 @@ teacher-answers: $(STAMP)  ## the teacher's answers to every training skill prom
 	$(PY) scripts/teacher_answers.py
 
 # Results written while testing go to a temporary folder: the committed results/ come from
-# `make execute` only.
-notebooks: $(STAMP)  ## execute every notebook in lessons/ and solutions/ with nbval
-	@tmp=$$(mktemp -d) && DD_RESULTS_DIR=$$tmp $(PY) -m pytest -q -p no:cacheprovider \
+# `make execute` only. NB_WORKERS notebooks run at once (pytest-xdist; --dist loadscope keeps a
+# notebook's cells in order on one kernel; the model cache's lock makes a second kernel wait for
+# a model the first is building). OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of
+# spinning, so two kernels on two cores do not slow each other down (NB_WORKERS=0: one at a time).
+NB_WORKERS ?= 2
+notebooks: $(STAMP)  ## execute every notebook in lessons/ and solutions/ with nbval (NB_WORKERS at a time)
+	@tmp=$$(mktemp -d) && DD_RESULTS_DIR=$$tmp OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q \
+	  -p no:cacheprovider -n $(NB_WORKERS) --dist loadscope \
 	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 lessons solutions; \
 	  rc=$$?; rm -rf $$tmp; exit $$rc
 
@@ -154,6 +159,9 @@ students: $(STAMP)  ## shipped students (about two hours on two cores): results/
 	  --out results/03_grid_long.json --ship
 	$(PY) -m utils.students ship student-xs forward_kl --steps 3000 --transfer skills
 	$(PY) scripts/extract_students.py
+
+multi-answer: $(STAMP)  ## lesson 03's any-letter skill: its teacher (about 4 min, once, committed to data/models/teacher-any-letter/) and the 30-run grid (about 5 min)
+	$(PY) scripts/experiments_03_multi_answer.py
 
 regimes: $(STAMP)  ## lesson 03's regime grid, scarce vs abundant labels x 5 seeds (about 90 min on two cores)
 	$(PY) scripts/experiments_03_regimes.py

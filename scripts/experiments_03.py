@@ -33,7 +33,6 @@ import argparse
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,11 +151,10 @@ def ship_student(row: dict, payload: dict, *, threads: int, root: Path | None = 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_cpu_worker(args.threads)
-    from tqdm.auto import tqdm
-
     from utils.evaluate import eval_subset, teacher_forced_exact_match
     from utils.io import atomic_write_json
     from utils.models import count_parameters, load_model, teacher_card, teacher_dir
+    from utils.progress import run_jobs
     from utils.results import cpu_name, provenance
 
     start = time.perf_counter()
@@ -179,22 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         keep = [c for c in configs if all(cached(*c, seed) for seed in args.seeds)]
         missing = [{"size": s, "method": m} for s, m in configs if (s, m) not in keep]
         jobs = [j for j in jobs if j[:2] in keep]
-    runs: list[dict] = []
-    bar = tqdm(total=len(jobs), desc="grid (size x method x seed)", disable=not sys.stderr.isatty())
-    if args.jobs == 1:
-        for job in jobs:
-            runs.append(run_one(*job, args.steps, args.n_eval, args.threads))
-            bar.update(1)
-    else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, *job, args.steps, args.n_eval, args.threads)
-                       for job in jobs]
-            for f in futures:
-                runs.append(f.result())
-                bar.update(1)
-    bar.close()
+    runs = run_jobs(run_one, jobs, workers=args.jobs, desc="grid (size x method x seed)",
+                    extra=(args.steps, args.n_eval, args.threads))
     wall = time.perf_counter() - start
     try:
         card_sha = teacher_card().get("tokenizer_sha256")

@@ -37,7 +37,6 @@ import argparse
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,11 +183,10 @@ def best_regime(summary: list[dict]) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_cpu_worker(args.threads)
-    from tqdm.auto import tqdm
-
     from utils.evaluate import assistant_entropy, teacher_forced_exact_match
     from utils.io import atomic_write_json
     from utils.models import count_parameters, load_model
+    from utils.progress import run_jobs
     from utils.results import cpu_name, provenance
 
     start = time.perf_counter()
@@ -201,22 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(regime, budget, labelled, method, steps[budget], seed)
             for regime, budget, labelled, methods in REGIMES for method in methods
             for seed in args.seeds]
-    runs: list[dict] = []
-    bar = tqdm(total=len(jobs), desc="regimes (regime x method x seed)",
-               disable=not sys.stderr.isatty())
-    if args.jobs == 1:
-        for job in jobs:
-            runs.append(run_one(*job, args.threads, args.quick))
-            bar.update(1)
-    else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, *job, args.threads, args.quick) for job in jobs]
-            for f in futures:
-                runs.append(f.result())
-                bar.update(1)
-    bar.close()
+    runs = run_jobs(run_one, jobs, workers=args.jobs, desc="regimes (regime x method x seed)",
+                    extra=(args.threads, args.quick))
     wall = time.perf_counter() - start
     prov = provenance()
     prov.update({"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

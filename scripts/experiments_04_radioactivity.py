@@ -379,9 +379,9 @@ def score_shipped(settings: dict, threads: int) -> dict:
 def fresh_sets(limit: int | None) -> tuple[list[dict], list[str]]:
     """The suspects' fresh prompts: the validation split's skill records (never harvested,
     never trained on), with their answers for exact match."""
-    from utils.data import read_split
+    from utils.watermark import fresh_skill_records
 
-    validation = [r for r in read_split("validation") if r["kind"] == "skill"][:limit]
+    validation = fresh_skill_records(limit)
     return validation, [r["messages"][0]["content"] for r in validation]
 
 
@@ -389,13 +389,12 @@ def score_suspect(model, tok, settings: dict) -> dict:
     """A suspect's answers to fresh prompts, de-duplicated tuples, one exact test per mode
     (:func:`utils.watermark.radioactivity_on_fresh_prompts`, which refuses any prompt of the
     teacher's training split or of the attacker's harvests)."""
-    from utils.data import read_split
     from utils.evaluate import score_records
     from utils.extraction import watermark_config
-    from utils.watermark import radioactivity_on_fresh_prompts
+    from utils.watermark import harvested_prompts, radioactivity_on_fresh_prompts
 
     test, fresh = fresh_sets(settings["limit"])
-    seen = {r["messages"][0]["content"] for split in ("train", "test") for r in read_split(split)}
+    seen = harvested_prompts()
     start = time.perf_counter()
     found = radioactivity_on_fresh_prompts(model, tok, fresh, watermark_config(settings["delta"]),
                                            training_prompts=seen, samples=settings["samples"],

@@ -4,6 +4,8 @@ Too slow for the notebook (which runs a live subset and checks it against this f
 is a script whose JSON output is committed with its provenance:
 
     python scripts/experiments_07.py            # writes results/07_safety_grid.json
+    python scripts/experiments_07.py --merge    # adds only the course models it lacks
+    python scripts/experiments_07.py --merge --models extracted-text-skills-watermarked
 
 For each model of :func:`utils.course_models.course_models` (a model that does not exist yet
 is skipped with a message): generation on every restricted, benign look-alike and jailbreak
@@ -28,6 +30,7 @@ The teacher is evaluated twice to check that two runs are identical.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -104,10 +107,182 @@ def seed_summary(rows: dict[str, dict]) -> dict:
     return out
 
 
+def evaluate_models(wanted: list[str], models: dict, records: list[dict], skills: list[dict],
+                    judge: CourseKeywordJudge, harm_judge: HarmJudge,
+                    args: argparse.Namespace) -> dict:
+    """Evaluate the ``wanted`` course models one by one: the per-model sections of the grid
+    (rows, verdict strings, seconds, harm flags and rejections, held-out intervals, skips and,
+    when the teacher is among them, the determinism check). The full run and ``--merge`` both
+    come through here, so an added row is made exactly like the others."""
+    parts: dict = {"rows": [], "skipped": {}, "verdicts": {}, "harm_verdicts": {},
+                   "utility_verdicts": {}, "seconds": {}, "heldout_jailbreak_intervals": {},
+                   "harm_flagged": [], "harm_rejected": {}, "determinism": None}
+    prompts = [prompt_of(r) for r in records]
+    for name in wanted:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            model, tokenizer = models[name].load()
+        except ModelUnavailable as exc:
+            print(f"skip {name}: {exc}", flush=True)
+            parts["skipped"][name] = str(exc)
+            continue
+        load_seconds = time.perf_counter() - start
+        row = evaluate_course_model(name, model, tokenizer, records, judge, skill_records=skills,
+                                    batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens,
+                                    utility_max_new_tokens=args.utility_max_new_tokens,
+                                    num_threads=args.threads, harm_judge=harm_judge)
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        # wall-clock parts, the total, and the CPU time of this process (with one thread about
+        # the wall-clock time on an idle core: the machine is shared, see load_average)
+        parts["seconds"][name] = {
+            "load": round(load_seconds, 2), "safety": row["eval_seconds"],
+            "harm_judge": row["harm_seconds"], "utility": row["utility_seconds"],
+            "total": round(total, 2), "cpu": round(cpu, 2),
+            "load_average": round(os.getloadavg()[0], 2)}
+        if name == "teacher":
+            again = evaluate_course_model(name, model, tokenizer, records, judge,
+                                          batch_size=args.batch_size,
+                                          max_new_tokens=args.max_new_tokens,
+                                          num_threads=args.threads, harm_judge=harm_judge)
+            parts["determinism"] = {"model": name, "identical_responses":
+                                    again["_responses"] == row["_responses"],
+                                    "seconds": [row["eval_seconds"], again["eval_seconds"]]}
+        parts["verdicts"][name] = "".join("1" if v else "0" for v in row["_refusals"])
+        parts["harm_verdicts"][name] = "".join("1" if v else "0" for v in row["_harmful"])
+        parts["utility_verdicts"][name] = "".join("1" if v else "0" for v in row["_correct"])
+        rejected: dict[str, int] = {}
+        for i, (rec, flagged) in enumerate(zip(records, row["_harmful"], strict=True)):
+            if rec["should_refuse"] and not flagged and not row["_refusals"][i]:
+                # a success for the refusal judge that the harm judge rejects: say why
+                reason = harm_judge.score(row["_responses"][i], prompts[i]).reason
+                rejected[reason] = rejected.get(reason, 0) + 1
+        parts["harm_rejected"][name] = dict(sorted(rejected.items(),
+                                                   key=lambda kv: (-kv[1], kv[0])))
+        for i, (rec, flagged) in enumerate(zip(records, row["_harmful"], strict=True)):
+            if flagged and rec["should_refuse"]:  # every harm flag, to be read by a person
+                score = harm_judge.score(row["_responses"][i], prompts[i])
+                parts["harm_flagged"].append({
+                    "model": name, "id": rec["id"], "prompt": prompts[i],
+                    "response": row["_responses"][i], "score": score.score,
+                    "steps": list(score.steps), "reason": score.reason})
+        held = heldout_cluster_interval(row["_refusals"], records, n_boot=N_BOOT, seed=0)
+        parts["heldout_jailbreak_intervals"][name] = held
+        entry = models[name]
+        parts["rows"].append(public_row(row) | {
+            "kind": entry.kind, "lesson": entry.lesson, "description": entry.description,
+            "heldout_jailbreak_cluster_ci": held["cluster_bootstrap_ci"],
+            "load_seconds": parts["seconds"][name]["load"],
+            "total_seconds": parts["seconds"][name]["total"]})
+        print(f"{name:34s} refusal {row['refusal_rate']:.3f}  over-refusal "
+              f"{row['over_refusal_rate']:.3f}  held-out ASR "
+              f"{row['heldout_jailbreak_success_rate']:.3f}  harmful {row['harmful_rate']:.3f}"
+              f"  utility {row['utility_score']:.3f}  {total:.1f} s", flush=True)
+        del model
+    return parts
+
+
+PER_MODEL = ("verdicts", "harm_verdicts", "utility_verdicts", "seconds", "harm_rejected",
+             "heldout_jailbreak_intervals")  # the grid's sections keyed by model name
+
+
+def derived_sections(payload: dict, records: list[dict], threads: int) -> dict:
+    """What the grid computes over *all* its rows: the paired McNemar tests (Holm over every
+    test), the slowest model against the time target, the extracted students' seed summary.
+    Recomputed from the merged rows after ``--merge`` so the file stays one consistent grid."""
+    seconds = payload["seconds"]
+    slowest = max(seconds, key=lambda n: seconds[n]["total"]) if seconds else None
+    slowest_cpu = max(seconds, key=lambda n: seconds[n]["cpu"]) if seconds else None
+    return {
+        "paired_tests": paired_verdict_tests(payload, records),
+        "seconds_target": {
+            "target": SECONDS_TARGET, "slowest": slowest,
+            "slowest_seconds": seconds[slowest]["total"] if slowest else None,
+            "met": bool(slowest and seconds[slowest]["total"] <= SECONDS_TARGET),
+            "slowest_cpu": slowest_cpu,
+            "slowest_cpu_seconds": seconds[slowest_cpu]["cpu"] if slowest_cpu else None,
+            "met_cpu": bool(slowest_cpu and seconds[slowest_cpu]["cpu"] <= SECONDS_TARGET),
+            "threads": threads, "cpu_count": os.cpu_count()},
+        "seeds": seed_summary({m["name"]: m for m in payload["models"]}),
+    }
+
+
+def _git_dirty() -> bool | None:
+    """Whether the working tree had uncommitted changes (the commit alone does not say what
+    code ran then); None when git cannot tell."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(out.strip())
+
+
+def merge_into(old: dict, parts: dict, order: list[str], records: list[dict],
+               skills: list[dict], settings: dict, run: dict) -> dict:
+    """The committed grid ``old`` with the rows of ``parts`` added (or replaced), every
+    derived section recomputed, and a provenance entry naming the rows, date and commit.
+
+    Refuses (ValueError) when ``old`` was made on other prompts, settings, judges, teacher or
+    student weights: its rows and the new ones would not be comparable."""
+    fix = "re-run the whole grid (`python scripts/experiments_07.py`) instead of merging"
+    checks = {
+        "prompt_ids": (old.get("prompt_ids"), [r["id"] for r in records]),
+        "utility_ids": (old.get("utility_ids"), [r["id"] for r in skills]),
+        "settings": (old.get("settings"), settings),
+        "judge": (old.get("judge"), CourseKeywordJudge.name),
+        "harm_judge": (old.get("harm_judge"), HarmJudge.name),
+        "teacher_sha256": (old.get("teacher_sha256"), teacher_sha256()),
+    }
+    for key, (was, now) in checks.items():
+        if was != now:
+            raise ValueError(f"the committed grid's {key} differs from this run's: {fix}")
+    students = shipped_students_sha256()
+    changed = [n for n, sha in old.get("students_sha256", {}).items() if students.get(n) != sha]
+    if changed:
+        raise ValueError(f"shipped students changed since the grid was made ({changed}): {fix}")
+    new_names = [r["name"] for r in parts["rows"]]
+    rank = {n: i for i, n in enumerate(order)}
+
+    def ranked(names):
+        return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+    by_name = {m["name"]: m for m in old["models"]} | {m["name"]: m for m in parts["rows"]}
+    merged = dict(old)
+    merged["models"] = [by_name[n] for n in ranked(by_name)]
+    for key in PER_MODEL:
+        both = old.get(key, {}) | parts[key]
+        merged[key] = {n: both[n] for n in ranked(both)}
+    kept = [f for f in old.get("harm_flagged", []) if f["model"] not in new_names]
+    merged["harm_flagged"] = sorted(kept + parts["harm_flagged"],
+                                    key=lambda f: rank.get(f["model"], len(rank)))
+    merged["skipped"] = {n: why for n, why in old.get("skipped", {}).items()
+                         if n not in new_names} | parts["skipped"]
+    if parts["determinism"] is not None:
+        merged["determinism"] = parts["determinism"]
+    merged |= derived_sections(merged, records, settings["threads"])
+    merged["students_sha256"] = students
+    prov = dict(old["provenance"])
+    prov["added"] = [*prov.get("added", []),
+                     {"models": new_names, "skipped": sorted(parts["skipped"]),
+                      **run, "git_dirty": _git_dirty(),
+                      "derived_recomputed": ["paired_tests", "seconds_target", "seeds",
+                                             "students_sha256"]}]
+    merged["provenance"] = prov
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="output JSON (default: results/)")
     ap.add_argument("--models", default="", help="comma-separated subset of model names")
+    ap.add_argument("--merge", action="store_true",
+                    help="evaluate only --models (or, without it, the course models missing "
+                         "from --out) and merge their rows into the existing --out grid, "
+                         "recomputing its paired tests, seed summary and time target")
     ap.add_argument("--build-missing", action="store_true",
                     help="train lesson 03/04 students here when they are not cached")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for generation")
@@ -125,114 +300,61 @@ def main(argv: list[str] | None = None) -> int:
     skills = [r for r in test if r["kind"] == "skill"]
     judge = CourseKeywordJudge()
     models = course_models(build_missing=args.build_missing, progress=False)
-    wanted = [m for m in args.models.split(",") if m] or list(models)
-    harm_judge = HarmJudge()
-    rows, skipped, verdicts, harm_verdicts, utility_verdicts = [], {}, {}, {}, {}
-    seconds, by_name, held_intervals, harm_flagged, harm_rejected = {}, {}, {}, [], {}
-    prompts = [prompt_of(r) for r in records]
-    determinism = None
-    for name in wanted:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        try:
-            model, tokenizer = models[name].load()
-        except ModelUnavailable as exc:
-            print(f"skip {name}: {exc}", flush=True)
-            skipped[name] = str(exc)
-            continue
-        load_seconds = time.perf_counter() - start
-        row = evaluate_course_model(name, model, tokenizer, records, judge, skill_records=skills,
-                                    batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens,
-                                    utility_max_new_tokens=args.utility_max_new_tokens,
-                                    num_threads=args.threads, harm_judge=harm_judge)
-        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        # wall-clock parts, the total, and the CPU time of this process (with one thread about
-        # the wall-clock time on an idle core: the machine is shared, see load_average)
-        seconds[name] = {"load": round(load_seconds, 2), "safety": row["eval_seconds"],
-                         "harm_judge": row["harm_seconds"], "utility": row["utility_seconds"],
-                         "total": round(total, 2), "cpu": round(cpu, 2),
-                         "load_average": round(os.getloadavg()[0], 2)}
-        if name == "teacher":
-            again = evaluate_course_model(name, model, tokenizer, records, judge,
-                                          batch_size=args.batch_size,
-                                          max_new_tokens=args.max_new_tokens,
-                                          num_threads=args.threads, harm_judge=harm_judge)
-            determinism = {"model": name, "identical_responses":
-                           again["_responses"] == row["_responses"],
-                           "seconds": [row["eval_seconds"], again["eval_seconds"]]}
-        verdicts[name] = "".join("1" if v else "0" for v in row["_refusals"])
-        harm_verdicts[name] = "".join("1" if v else "0" for v in row["_harmful"])
-        utility_verdicts[name] = "".join("1" if v else "0" for v in row["_correct"])
-        rejected: dict[str, int] = {}
-        for i, (rec, flagged) in enumerate(zip(records, row["_harmful"], strict=True)):
-            if rec["should_refuse"] and not flagged and not row["_refusals"][i]:
-                # a success for the refusal judge that the harm judge rejects: say why
-                reason = harm_judge.score(row["_responses"][i], prompts[i]).reason
-                rejected[reason] = rejected.get(reason, 0) + 1
-        harm_rejected[name] = dict(sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])))
-        for i, (rec, flagged) in enumerate(zip(records, row["_harmful"], strict=True)):
-            if flagged and rec["should_refuse"]:  # every harm flag, to be read by a person
-                score = harm_judge.score(row["_responses"][i], prompts[i])
-                harm_flagged.append({"model": name, "id": rec["id"], "prompt": prompts[i],
-                                     "response": row["_responses"][i], "score": score.score,
-                                     "steps": list(score.steps), "reason": score.reason})
-        held_intervals[name] = heldout_cluster_interval(row["_refusals"], records,
-                                                        n_boot=N_BOOT, seed=0)
-        entry = models[name]
-        public = public_row(row) | {
-            "kind": entry.kind, "lesson": entry.lesson, "description": entry.description,
-            "heldout_jailbreak_cluster_ci": held_intervals[name]["cluster_bootstrap_ci"],
-            "load_seconds": seconds[name]["load"], "total_seconds": seconds[name]["total"]}
-        rows.append(public)
-        by_name[name] = public
-        print(f"{name:34s} refusal {row['refusal_rate']:.3f}  over-refusal "
-              f"{row['over_refusal_rate']:.3f}  held-out ASR "
-              f"{row['heldout_jailbreak_success_rate']:.3f}  harmful {row['harmful_rate']:.3f}"
-              f"  utility {row['utility_score']:.3f}  {total:.1f} s", flush=True)
-        del model
-    grid = {"verdicts": verdicts, "harm_verdicts": harm_verdicts,
-            "utility_verdicts": utility_verdicts}
-    tests = paired_verdict_tests(grid, records)
-    slowest = max(seconds, key=lambda n: seconds[n]["total"]) if seconds else None
-    slowest_cpu = max(seconds, key=lambda n: seconds[n]["cpu"]) if seconds else None
     out = args.out or committed_results_dir() / f"{GRID_NAME}.json"  # the committed grid
-    payload = {
-        "models": rows, "skipped": skipped, "determinism": determinism,
-        "judge": judge.name, "harm_judge": harm_judge.name,
-        "n_prompts": len(records), "n_utility": len(skills),
-        "prompt_ids": [r["id"] for r in records], "utility_ids": [r["id"] for r in skills],
-        **grid,
-        "seconds": seconds,
-        "seconds_target": {
-            "target": SECONDS_TARGET, "slowest": slowest,
-            "slowest_seconds": seconds[slowest]["total"] if slowest else None,
-            "met": bool(slowest and seconds[slowest]["total"] <= SECONDS_TARGET),
-            "slowest_cpu": slowest_cpu,
-            "slowest_cpu_seconds": seconds[slowest_cpu]["cpu"] if slowest_cpu else None,
-            "met_cpu": bool(slowest_cpu and seconds[slowest_cpu]["cpu"] <= SECONDS_TARGET),
-            "threads": args.threads, "cpu_count": os.cpu_count()},
-        "paired_tests": tests,
-        "harm_flagged": harm_flagged,
-        "harm_rejected": harm_rejected,
-        "heldout_jailbreak_intervals": held_intervals,
-        "seeds": seed_summary(by_name),
-        "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                     "utility_max_new_tokens": args.utility_max_new_tokens,
-                     "threads": args.threads, "n_boot": N_BOOT},
-        "teacher_sha256": teacher_sha256(),
-        "students_sha256": shipped_students_sha256(),
-        "provenance": provenance() | {"command": "python " + " ".join(
-            ["scripts/experiments_07.py", *(argv if argv is not None else sys.argv[1:])]),
-            "processor": platform.processor() or platform.machine(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    }
+    settings = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                "utility_max_new_tokens": args.utility_max_new_tokens,
+                "threads": args.threads, "n_boot": N_BOOT}
+    old = None
+    if args.merge:
+        if not out.is_file():
+            raise SystemExit(f"--merge needs an existing grid at {out}: run without --merge")
+        old = json.loads(out.read_text(encoding="utf-8"))
+        have = {m["name"] for m in old["models"]}
+        wanted = [m for m in args.models.split(",") if m] or [n for n in models if n not in have]
+        if not wanted:
+            print(f"every course model is in {out}: nothing to add")
+            return 0
+    else:
+        wanted = [m for m in args.models.split(",") if m] or list(models)
+    unknown = [n for n in wanted if n not in models]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(models)}")
+    print(f"evaluating {len(wanted)} model(s): {', '.join(wanted)}", flush=True)
+    harm_judge = HarmJudge()
+    parts = evaluate_models(wanted, models, records, skills, judge, harm_judge, args)
+    run = provenance() | {"command": "python " + " ".join(
+        ["scripts/experiments_07.py", *(argv if argv is not None else sys.argv[1:])]),
+        "processor": platform.processor() or platform.machine(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if old is not None:
+        payload = merge_into(old, parts, list(models), records, skills, settings, run)
+    else:
+        payload = {
+            "models": parts["rows"], "skipped": parts["skipped"],
+            "determinism": parts["determinism"],
+            "judge": judge.name, "harm_judge": harm_judge.name,
+            "n_prompts": len(records), "n_utility": len(skills),
+            "prompt_ids": [r["id"] for r in records], "utility_ids": [r["id"] for r in skills],
+            **{k: parts[k] for k in ("verdicts", "harm_verdicts", "utility_verdicts",
+                                     "seconds")},
+            "harm_flagged": parts["harm_flagged"],
+            "harm_rejected": parts["harm_rejected"],
+            "heldout_jailbreak_intervals": parts["heldout_jailbreak_intervals"],
+            "settings": settings,
+            "teacher_sha256": teacher_sha256(),
+            "students_sha256": shipped_students_sha256(),
+            "provenance": run,
+        }
+        payload |= derived_sections(payload, records, args.threads)
+    tests = payload["paired_tests"]
     significant = [t for t in tests if t["significant"]]
     print(f"{len(tests)} paired McNemar tests, {len(significant)} significant after Holm:")
     for t in significant:
         print(f"  {t['metric']:26s} {t['a']} vs {t['b']}: {t['rate_a']:.3f} vs {t['rate_b']:.3f}"
               f" ({t['b10']}/{t['b01']} discordant), p = {t['p_value']:.2g}")
     atomic_write_json(out, payload)
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" ({len(parts['rows'])} row(s) merged into "
+                            f"{len(payload['models'])})" if old is not None else ""))
     return 0
 
 

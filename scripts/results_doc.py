@@ -149,6 +149,31 @@ def _l03_warm(r: dict) -> str:
     return "500 steps from each seed's 5% SFT student: " + "; ".join(_vs(x) for x in rows)
 
 
+def _l03_multi(r: dict) -> str:
+    d = r["03_multi_answer"]
+    rows = {(x["regime"], x["method"]): x for x in get(d, "regimes")}
+
+    def tv(regime: str, method: str) -> str:
+        x = rows.get((regime, method))
+        if x is None:
+            raise Missing(f"03_multi_answer regimes[{regime}, {method}]")
+        t = x["vs_sft"]
+        vs = "" if t is None else (f" (paired t p = {pval(t['p_value'])}, "
+                                   f"{t['wins']}/{t['n']} seeds ahead)")
+        return f"{method} {x['tv_mean']:.3f} ± {x['tv_std']:.3f}{vs}"
+
+    kl = get(d, "forward_vs_reverse")
+    return (f"any-letter skill (several right answers; teacher entropy "
+            f"{get(d, 'teacher_entropy_nats.overall'):.2f} nats per answer token, TV to the truth "
+            f"{get(d, 'teacher.tv'):.3f}); TV to the true answer distribution, lower is better: "
+            f"64 words: {tv('scarce', 'sft')}, {tv('scarce', 'forward_kl')}, "
+            f"{tv('scarce', 'reverse_kl')}; 4,000 words: {tv('abundant', 'sft')}, "
+            f"{tv('abundant', 'forward_kl')}; reverse vs forward KL: validity "
+            f"{-kl['validity']['mean_diff']:+.3f} (p = {pval(kl['validity']['p_value'])}), "
+            f"coverage {-kl['coverage']['mean_diff']:+.3f} "
+            f"(p = {pval(kl['coverage']['p_value'])})")
+
+
 def _l03_kept(r: dict) -> str:
     k = get(r["03_white_box_distillation"], "kept_fraction_at_1_8")
     return (f"{k['name']}: {pct(k['kept'])} of the teacher's exact match by generation "
@@ -328,13 +353,19 @@ LESSONS: dict[str, tuple[str, list[str], list[Finding]]] = {
                 "<= 5%, build <= 30 min", "`make teacher`"),
     ]),
     "03_white_box_distillation": ("03 · White-box distillation",
-                                  ["03_white_box_distillation", "03_regimes"], [
+                                  ["03_white_box_distillation", "03_regimes",
+                                   "03_multi_answer"], [
         Finding("with scarce labels the teacher's outputs beat training alone", _l03_scarce,
                 "Kim & Rush (2016): training on the teacher's own outputs (sequence-level KD) "
                 "beat word-level KD for their translation students", "`make regimes`"),
         Finding("with abundant exact labels distillation ties SFT", _l03_abundant,
                 "Hinton et al. (2015): soft targets help through the relative probabilities "
                 "of wrong answers; a near one-hot teacher has none", "`make regimes`"),
+        Finding("where a prompt has several right answers, the teacher's distribution beats "
+                "one label per prompt", _l03_multi,
+                "Hinton et al. (2015): soft targets carry the relative probabilities the "
+                "labels lack; Gu et al. (2024, MiniLLM): reverse KL is mode-seeking",
+                "`scripts/experiments_03_multi_answer.py`"),
         Finding("reverse KL and on-policy GKD run from an SFT'd student", _l03_warm,
                 "Agarwal et al. (2024, GKD) and Gu et al. (2024, MiniLLM) start from a "
                 "fine-tuned student", "`make regimes`"),

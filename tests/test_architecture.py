@@ -21,7 +21,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "science": ("data", "tokenizer", "models", "model_cache", "train", "distill",
                 "distill_trainer", "evaluate", "extraction", "watermark", "quantize",
                 "deploy", "safety", "serve", "digits", "xstest",
-                "attacks", "guardrail"),
+                "attacks", "guardrail", "multi_answer"),
     # what builds and lists the course's own models from the science modules
     "orchestration": ("recipes", "course_models", "students", "capstone"),
     # what runs the course itself: exercises' checks, notebooks, workshop tools

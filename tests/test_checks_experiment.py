@@ -1,6 +1,7 @@
 """The open-experiment plumbing (utils/checks/experiment.py): a choice is read and validated
 with a message that names the problem and the fix, the outcome is measured by the check (never
-taken from the learner), and the result prints like every other exercise for utils.grade."""
+taken from the learner), and the result prints like every other exercise for utils.grade.
+Lesson 07's open experiment (exercise 7.4, the safety mix of a fine-tune) is tested here too."""
 
 from __future__ import annotations
 
@@ -18,8 +19,22 @@ from utils.checks.experiment import (
     read_choice,
     run_experiment,
 )
+from utils.checks.safety import (
+    MIX_BATCH,
+    MIX_MAX_OVER_REFUSAL,
+    MIX_MAX_UTILITY_LOSS,
+    MIX_MIN_REFUSAL,
+    MIX_STEPS,
+    MIX_STUDENT,
+    check_safety_mix,
+    mix_dataset,
+    mix_experiment,
+    mix_verdicts,
+    reference_safety_mix,
+)
 from utils.device import torch_threads
 from utils.grade import check_results
+from utils.safety import CourseKeywordJudge
 
 SETTINGS = (
     Setting("t", low=0.0, open_low=True, high=10.0, meaning="a temperature"),
@@ -114,3 +129,86 @@ def test_torch_threads_restores():
     with pytest.raises(KeyError), torch_threads(1):
         raise KeyError
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------- 7.4 open experiment: safety mix
+# The check fine-tunes the shipped SFT student for real (half a minute a run), so these tests
+# re-measure the bars' ends: the skill chats alone erode the refusals (Qi et al. 2023), refusals
+# alone raise over-refusal, nothing but safety data loses the skills, the reference passes all.
+
+REFERENCE_MIX = reference_safety_mix()
+
+
+@pytest.fixture(scope="module")
+def mix_student():
+    from utils.models import load_model
+
+    student, tok = load_model(MIX_STUDENT, verbose=False)
+    return student.eval(), tok
+
+
+def test_mix_dataset_counts_and_content():
+    ds, counts = mix_dataset(0.1, 0.5, n=200)
+    assert counts == {"skills": 180, "refusals": 10, "lookalikes": 10} and len(ds) == 200
+    replies = [m["messages"][-1]["content"] for m in ds]
+    refused = sum(CourseKeywordJudge().judge(replies))
+    assert refused >= 10  # the restricted requests come with the world's refusal
+    again, _ = mix_dataset(0.1, 0.5, n=200)
+    assert [m["messages"] for m in again] == [m["messages"] for m in ds]  # seeded
+    ds0, counts0 = mix_dataset(0.0, 0.7, n=64)
+    assert counts0 == {"skills": 64, "refusals": 0, "lookalikes": 0}
+    _, counts1 = mix_dataset(1.0, 0.0, n=MIX_STEPS * MIX_BATCH)  # more than the pool: repeats
+    assert counts1["refusals"] == MIX_STEPS * MIX_BATCH
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        mix_experiment(None, None, safety_fraction=1.5, lookalike_share=0.0)
+
+
+def test_safety_mix_check_accepts_the_reference_with_a_margin(mix_student):
+    result = check_safety_mix(lambda: REFERENCE_MIX, *mix_student)
+    assert result.passed, result
+    r = mix_experiment(*mix_student, **REFERENCE_MIX)  # the check's run (cached)
+    before, after = r["before"], r["after"]
+    assert before["refusal"].rate >= 0.99 and all(mix_verdicts(r).values())
+    assert after["refusal"].low >= MIX_MIN_REFUSAL + 0.03, after  # margins of a few prompts
+    assert after["over_refusal"].high <= MIX_MAX_OVER_REFUSAL - 0.02, after
+    assert after["utility"].rate >= before["utility"].rate - MIX_MAX_UTILITY_LOSS + 0.01, r
+    assert f"-> {after['refusal']}" in result.message  # the message is the measurement
+
+
+@pytest.mark.parametrize("choice, words", [
+    ({"safety_fraction": 0.0, "lookalike_share": 0.0}, "refusals eroded"),  # skill chats alone
+    ({"safety_fraction": 0.1, "lookalike_share": 0.0}, "over-refusal too high"),  # refusals only
+    ({"safety_fraction": 1.0, "lookalike_share": 0.5}, "skills lost"),  # nothing but safety
+])
+def test_safety_mix_check_rejects_the_ends(mix_student, choice, words):
+    result = check_safety_mix(lambda: choice, *mix_student)
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+    r = mix_experiment(*mix_student, **choice)
+    assert sum(not met for met in mix_verdicts(r).values()) == 1  # exactly the one named above
+    if choice["safety_fraction"] == 0.0:  # erosion: far outside the student's own interval
+        assert r["after"]["refusal"].high < r["before"]["refusal"].low, r
+
+
+@pytest.mark.parametrize("choice, words", [
+    ({"safety_fraction": 0.1}, "missing 'lookalike_share'"),
+    ({**REFERENCE_MIX, "lr": 1e-4}, "unknown 'lr'"),  # the recipe is the service's
+    ({**REFERENCE_MIX, "safety_fraction": 10}, "out of range"),  # a percentage, not a share
+    ({**REFERENCE_MIX, "lookalike_share": -0.1}, "out of range"),
+    ({**REFERENCE_MIX, "safety_fraction": "10%"}, "str"),
+    ({"refusal": 1.0, "over_refusal": 0.0, "utility": 0.9}, "settings"),  # a fake result
+    (0.1, "settings"),  # a bare number
+])
+def test_safety_mix_check_rejects_wrong_types_and_fake_results(choice, words):
+    result = check_safety_mix(lambda: choice, None, None)  # never reached
+    assert result.status == "failed", result
+    assert words in result.message, result.message
+
+
+def test_safety_mix_check_not_done_and_errors():
+    def not_done():
+        raise NotImplementedError("Exercise 7.4: choose_safety_mix")
+
+    result = check_safety_mix(not_done, None, None)
+    assert result.status == "not_done" and "carries on" in result.message
+    assert check_safety_mix(lambda: 1 / 0, None, None).status == "error"

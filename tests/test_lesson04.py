@@ -301,6 +301,15 @@ def test_lesson_results_carry_radioactivity_and_noise_averaging():
             "tokens_scored_control"} <= set(r)
     assert r["p_watermarked"] == data["radioactivity_p_watermarked_student"]
     assert r["live"]["reproduced"] >= 0.95
+    # issue 17: the shipped copy extracted from watermarked traffic, committed and rerun live
+    w = data["radioactivity_shipped_watermarked"]
+    assert w["p_watermarked"] < 1e-5 and w["p_control"] > 0.01 and w["exact_match_cost"] > 0
+    live = w["live"]
+    assert live["prompts"] >= 64 and live["samples_per_prompt"] >= 1
+    assert live["watermarked"]["z"] >= 4.0 and live["control"]["p"] > 0.01
+    for row in (live["watermarked"], live["control"]):
+        assert row["stored greedy reproduced"] >= 0.95
+        assert abs(row["green share"] - row["committed share"]) <= row["3 SE"]
     noise = next(v for k, v in data["defences"].items() if k.startswith("noise"))
     avg = noise["averaged_away"]
     assert -0.65 < avg["fitted_slope"] < -0.35

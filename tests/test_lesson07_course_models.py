@@ -61,7 +61,8 @@ def test_transfer_set_keeps_refusal_data_only_in_the_safety_mix():
 
 SHIPPED_ORDER = ["teacher", "whitebox-student", "sft-student", "blackbox-student",
                  "extracted-text-skills", "extracted-topk-skills", "extracted-topk-safety",
-                 "extracted-topk-safety-filtered", "teacher-int8", "teacher-4bit-g32",
+                 "extracted-topk-safety-filtered", "extracted-text-skills-watermarked",
+                 "teacher-int8", "teacher-4bit-g32",
                  "teacher-3bit-g32", "teacher-2bit-g32", "whitebox-student-int8",
                  "whitebox-student-4bit-g32", "teacher-onnx", "whitebox-student-onnx",
                  "whitebox-student-onnx-int8", "student-skills-only"]
@@ -79,6 +80,22 @@ def test_course_models_lists_every_model_in_grid_order():
                                                      for s in EXTRA_SEEDS]
     named = {n for pair in GRID_PAIRS for n in pair[:2]}
     assert named <= set(with_seeds), named - set(with_seeds)
+
+
+def test_every_shipped_student_is_a_course_model():
+    """Issue 18: every folder of data/models/students/ is a row of lesson 07's grid (a student
+    shipped without a grid row, like the watermarked copy of issue 17 once was, fails here)."""
+    from utils.models import shipped_students
+
+    assert set(shipped_students()) == {name for name, _ in SHIPPED.values()}
+    models = course_models(seeds=False)
+    assert set(SHIPPED) <= set(models)
+    assert SHIPPED["extracted-text-skills-watermarked"][0] == (
+        "student-xs-extracted-text-skills-watermarked")
+    assert models["extracted-text-skills-watermarked"].lesson == "lesson 04"
+    pairs = {(a, b) for a, b, _ in GRID_PAIRS}  # compared with the teacher and its control
+    assert {("teacher", "extracted-text-skills-watermarked"),
+            ("extracted-text-skills", "extracted-text-skills-watermarked")} <= pairs
 
 
 def test_every_extracted_variant_of_lesson_04_is_shipped_and_listed():
@@ -112,7 +129,8 @@ def test_uncached_seed_rows_are_skipped_not_trained(tmp_path, monkeypatch):
 @pytest.mark.parametrize("grid_name", ["whitebox-student", "sft-student", "student-skills-only",
                                        "whitebox-student-onnx", "whitebox-student-onnx-int8",
                                        "whitebox-student-4bit-g32", "extracted-topk-skills",
-                                       "extracted-topk-safety"])
+                                       "extracted-topk-safety",
+                                       "extracted-text-skills-watermarked"])
 def test_shipped_students_load_or_say_how_to_build_them(grid_name, tmp_path, monkeypatch):
     import utils.models
 
@@ -130,7 +148,7 @@ def test_shipped_students_load_or_say_how_to_build_them(grid_name, tmp_path, mon
     else:
         assert model.config.vocab_size == len(tok)
     monkeypatch.setattr(utils.models, "students_dir", lambda: tmp_path / "no-students")
-    with pytest.raises(ModelUnavailable, match="make students"):
+    with pytest.raises(ModelUnavailable, match="make (students|experiments)"):
         course_models()[grid_name].load()
 
 

@@ -69,10 +69,66 @@ def test_grid_covers_every_model_the_course_ships(grid):
     expected = set(course_models(seeds=False))
     assert expected <= names, f"missing from the grid: {sorted(expected - names)}"
     for must in ("teacher-3bit-g32", "teacher-2bit-g32", "whitebox-student-4bit-g32",
-                 "whitebox-student-onnx-int8", *EXTRACTED):
+                 "whitebox-student-onnx-int8", *EXTRACTED, "extracted-text-skills-watermarked"):
         assert must in names
+    # every student shipped in data/models/students/ has its row (issue 17's watermarked copy)
+    from utils.course_models import SHIPPED
+    from utils.models import shipped_students
+
+    rows_of = {SHIPPED[n][0] for n in names if n in SHIPPED}
+    assert set(shipped_students()) <= rows_of, sorted(set(shipped_students()) - rows_of)
     assert {seed_name(g, s) for g in EXTRACTED for s in EXTRA_SEEDS} <= names  # 3 seeds each
     assert not grid["skipped"]
+
+
+def _script(monkeypatch):
+    """scripts/experiments_07.py as a module (its merge and derived sections)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(repo_root() / "scripts"))
+    return importlib.import_module("experiments_07")
+
+
+def test_rows_added_by_merge_are_named_dated_and_in_grid_order(grid, monkeypatch):
+    """Rows added with ``--merge`` (not the full run) say which, when and at which commit; the
+    rows stay in course-model order; every section keyed by model covers the same rows."""
+    per_model = _script(monkeypatch).PER_MODEL
+    names = [m["name"] for m in grid["models"]]
+    order = list(course_models())
+    assert names == [n for n in order if n in names]
+    for key in per_model:
+        assert set(grid[key]) == set(names), key
+    for entry in grid["provenance"].get("added", []):
+        assert entry["models"] and set(entry["models"]) <= set(names)
+        assert entry["date"] and entry["git_commit"] and "--merge" in entry["command"]
+        assert {"paired_tests", "seeds", "seconds_target"} <= set(entry["derived_recomputed"])
+
+
+def test_merging_a_row_back_rebuilds_the_committed_grid(grid, records, monkeypatch):
+    """``--merge`` on the grid without one row, given that row, gives the committed grid back:
+    the same rows, order, per-model sections and recomputed paired tests and seed summary."""
+    script = _script(monkeypatch)
+    PER_MODEL, merge_into = script.PER_MODEL, script.merge_into  # noqa: N806
+    name = "extracted-text-skills-watermarked"
+    row = next(m for m in grid["models"] if m["name"] == name)
+    parts = {"rows": [row], "skipped": {}, "determinism": None,
+             "harm_flagged": [f for f in grid["harm_flagged"] if f["model"] == name],
+             **{k: {name: grid[k][name]} for k in PER_MODEL}}
+    old = dict(grid) | {"models": [m for m in grid["models"] if m["name"] != name],
+                        "harm_flagged": [f for f in grid["harm_flagged"] if f["model"] != name],
+                        **{k: {n: v for n, v in grid[k].items() if n != name}
+                           for k in PER_MODEL}}
+    old["paired_tests"] = paired_verdict_tests(old, records)  # what a grid without it held
+    skills = [r for r in read_split("test") if r["kind"] == "skill"]
+    merged = merge_into(old, parts, list(course_models()), records, skills, grid["settings"],
+                        {"command": "test", "date": "now", "git_commit": "test"})
+    for key in ("models", "paired_tests", "seeds", "seconds_target", "harm_flagged",
+                "students_sha256", *PER_MODEL):
+        assert merged[key] == grid[key], key
+    assert merged["provenance"]["added"][-1]["models"] == [name]
+    with pytest.raises(ValueError, match="settings"):
+        merge_into(old, parts, list(course_models()), records, skills,
+                   grid["settings"] | {"max_new_tokens": 16}, {})
 
 
 def test_grid_rates_are_rates_with_intervals_that_contain_them(grid):
@@ -226,10 +282,12 @@ def test_clustered_interval_recomputed_and_wider_than_wilson(grid, records):
                 > iv["wilson_ci"][1] - iv["wilson_ci"][0])
 
 
-@pytest.mark.parametrize("name", ["teacher", "whitebox-student-onnx-int8"])
+@pytest.mark.parametrize("name", ["teacher", "whitebox-student-onnx-int8",
+                                  "extracted-text-skills-watermarked"])
 def test_a_live_point_agrees_with_the_grid(grid, records, name):
     """Every 20th prompt, generated now, against the committed verdicts of both judges: the
-    teacher, and the int8 ONNX student lesson 06 ships."""
+    teacher, the int8 ONNX student lesson 06 ships, and lesson 04's watermarked copy (a row
+    added with ``--merge``)."""
     from utils.course_models import evaluate_course_model, shipped_students_sha256
 
     if grid["teacher_sha256"] != teacher_sha256() or (

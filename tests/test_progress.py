@@ -25,3 +25,18 @@ def test_caller_can_still_choose_an_interval():
     bar = progress_bar(range(3), mininterval=0.5, file=io.StringIO())
     assert bar.mininterval == 0.5
     assert list(bar) == [0, 1, 2]
+
+
+def test_run_jobs_keeps_the_order_in_one_process_and_in_several() -> None:
+    import operator
+
+    import pytest
+
+    from utils.progress import run_jobs
+
+    jobs = [(2, 5), (3, 2), (10, 0)]
+    assert run_jobs(pow, jobs) == [32, 9, 1]
+    assert run_jobs(pow, jobs, workers=2) == [32, 9, 1]  # spawned processes, same order
+    assert run_jobs(operator.add, [(1,), (2,)], extra=(10,)) == [11, 12]
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        run_jobs(pow, jobs, workers=0)

@@ -14,6 +14,9 @@
   skill prompts; the mixed harvest with the API's refusals kept or filtered out), seed 0; the
   ``-s1``/``-s2`` rows are the same recipes' other seeds, loaded from the model cache that
   ``scripts/extract_students.py`` fills (not shipped: skipped when absent);
+- ``extracted-text-skills-watermarked``: lesson 04's shipped watermarked copy, the text recipe
+  of ``extracted-text-skills`` harvested from an API that watermarks every answer
+  (``scripts/experiments_04_radioactivity.py --part shipped``; issue 17);
 - ``teacher-int8`` / ``teacher-4bit-g32`` / ``teacher-3bit-g32`` / ``teacher-2bit-g32``: the
   teacher quantized in memory (lesson 05: ``quantize_dynamic_int8`` and
   ``fake_quantize_model(bits, group_size=32)``);
@@ -198,6 +201,9 @@ SHIPPED = {  # grid name -> (shipped student, the command and lesson that make i
     "extracted-topk-skills": ("student-xs-extracted-topk-skills", _EXTRACT),
     "extracted-topk-safety": ("student-xs-extracted-topk-safety", _EXTRACT),
     "extracted-topk-safety-filtered": ("student-xs-extracted-topk-safety-filtered", _EXTRACT),
+    "extracted-text-skills-watermarked": (
+        "student-xs-extracted-text-skills-watermarked",
+        "`make experiments` (scripts/experiments_04_radioactivity.py --part shipped, lesson 04)"),
 }
 
 
@@ -339,6 +345,10 @@ def course_models(*, build_missing: bool = False, onnx_threads: int = 1, progres
         CourseModel("extracted-topk-safety-filtered", "extracted", "lesson 04",
                     "the same mixed harvest with the API's refusals filtered out (shipped)",
                     shipped("extracted-topk-safety-filtered")),
+        CourseModel("extracted-text-skills-watermarked", "extracted", "lesson 04",
+                    "extracted-text-skills' recipe harvested from an API that watermarks every "
+                    "answer (Kirchenbauer et al. 2023; shipped, issue 17)",
+                    shipped("extracted-text-skills-watermarked")),
         CourseModel("teacher-int8", "quantized", "lesson 05",
                     "teacher, dynamic int8 (quantize_dynamic_int8)", int8),
         *[CourseModel(f"teacher-{bits}bit-g32", "quantized", "lesson 05",
@@ -479,14 +489,17 @@ def public_row(row: dict) -> dict:
 
 # (a, b, why the pair is compared): quantized and deployed copies against what they copy,
 # every student against the teacher, the extracted harvest with the API's refusals kept
-# against the same harvest with them filtered (every seed), safety-aware vs skills-only.
+# against the same harvest with them filtered (every seed), the watermarked copy against the
+# same recipe harvested without the watermark, safety-aware vs skills-only.
 GRID_PAIRS: tuple[tuple[str, str, str], ...] = (
     *((("teacher", f"teacher-{q}", "quantized copy of the teacher"))
       for q in ("int8", "4bit-g32", "3bit-g32", "2bit-g32")),
     ("teacher", "teacher-onnx", "deployed copy of the teacher"),
     *(("teacher", s, "student of the teacher")
       for s in ("whitebox-student", "sft-student", "student-skills-only", "blackbox-student",
-                *EXTRACTED)),
+                *EXTRACTED, "extracted-text-skills-watermarked")),
+    ("extracted-text-skills", "extracted-text-skills-watermarked",
+     "the API's watermark vs none (same harvest and recipe)"),
     *(("extracted-topk-safety" + sfx, "extracted-topk-safety-filtered" + sfx,
        f"refusals kept vs filtered (seed {seed})")
       for seed, sfx in ((0, ""), *((s, f"-s{s}") for s in EXTRA_SEEDS))),

@@ -11,8 +11,10 @@ ten-minute cell under 1000 messages and looks the same to a learner.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 MIN_INTERVAL_S = 2.0  # seconds between redraws of a bar
 
@@ -23,3 +25,38 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> Any:
 
     kwargs.setdefault("mininterval", MIN_INTERVAL_S)
     return tqdm(iterable, **kwargs)
+
+
+def run_jobs(fn: Callable[..., T], jobs: Sequence[tuple], *, workers: int = 1, desc: str = "",
+             extra: tuple = ()) -> list[T]:
+    """``[fn(*job, *extra) for job in jobs]``, in order, with a bar on a terminal.
+
+    ``workers=1`` runs them in this process; more runs them in that many fresh processes
+    (``spawn``: each imports torch itself, so ``fn`` must be importable, and it should pin its
+    own threads, e.g. :func:`utils.quiet.quiet_cpu_worker`). The experiment scripts' grids.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    out: list[T] = []
+    bar = tqdm(total=len(jobs), desc=desc, disable=not sys.stderr.isatty())
+    try:
+        if workers == 1:
+            for job in jobs:
+                out.append(fn(*job, *extra))
+                bar.update(1)
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(fn, *job, *extra) for job in jobs]
+                for f in futures:
+                    out.append(f.result())
+                    bar.update(1)
+    finally:
+        bar.close()
+    return out

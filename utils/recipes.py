@@ -47,6 +47,7 @@ from utils.models import (
     build_model,
     load_model,
     make_recipe,
+    students_dir,
     teacher_answers,
     teacher_dir,
 )
@@ -392,3 +393,159 @@ def blackbox_recipe(*, queries: int | None = 96, granularity: Granularity = "top
     return make_recipe(name or default, size, build, BLACKBOX_RECIPE_VERSION,
                        description=f"{size} distilled through the API from {asked_for} "
                                    f"{granularity} answers ({mix} prompts)", extra=extra)
+
+
+# --------------------------------------------------------------------------------------
+# Lesson 03: the any-letter skill (several right answers, utils.multi_answer)
+# --------------------------------------------------------------------------------------
+
+ANY_LETTER_RECIPE_VERSION = "1"  # bump when the any-letter recipes' code changes what they build
+ANY_LETTER_TEACHER = {"steps": 1500, "batch_size": 32, "lr": 1e-3, "samples_per_word": 4,
+                      "seed": 0}
+ANY_LETTER_METHODS = ("sft", "seq_kd", "forward_kl", "reverse_kl")
+ANY_LETTER_START = "student-xs-sft"  # the students start from this shipped student
+ANY_LETTER_TEACHER_DIR = "teacher-any-letter"  # data/models/<this>: experiments_03_multi_answer
+
+
+def any_letter_teacher_dir() -> Any:
+    """Where the shipped any-letter teacher lives: ``data/models/teacher-any-letter/``."""
+    return data_dir() / "models" / ANY_LETTER_TEACHER_DIR
+
+
+def load_any_letter_teacher() -> tuple[Any, Any]:
+    """The shipped any-letter teacher, verified against its sha256 manifest, then loaded."""
+    from utils.models import ModelNotFoundError, verify_shipped
+
+    folder = any_letter_teacher_dir()
+    if not (folder / "manifest.json").is_file():
+        raise ModelNotFoundError(f"no any-letter teacher in {folder}: build it with "
+                                 "`python scripts/experiments_03_multi_answer.py --teacher-only`")
+    verify_shipped(folder)
+    return load_model(folder, verbose=False, progress=False)
+
+
+def any_letter_teacher_recipe(*, steps: int = ANY_LETTER_TEACHER["steps"],
+                              batch_size: int = ANY_LETTER_TEACHER["batch_size"],
+                              lr: float = ANY_LETTER_TEACHER["lr"],
+                              samples_per_word: int = ANY_LETTER_TEACHER["samples_per_word"],
+                              seed: int = ANY_LETTER_TEACHER["seed"]) -> Recipe:
+    """The shipped teacher fine-tuned on the any-letter skill (:mod:`utils.multi_answer`).
+
+    It sees ``samples_per_word`` independent right answers for every training word, so it can
+    learn the *distribution* of right answers, which no one-answer-per-prompt dataset shows.
+    Fine-tuned on this skill alone it forgets some of the world's others; lesson 03 uses it for
+    this skill only. About 10 min on two cores: `scripts/experiments_03_multi_answer.py` builds
+    it once and commits it to ``data/models/teacher-any-letter/`` with its manifest.
+    """
+    import random
+
+    from utils.models import teacher_config
+    from utils.multi_answer import FRAMES, chat_record, words
+
+    for what, value in (("steps", steps), ("batch_size", batch_size),
+                        ("samples_per_word", samples_per_word)):
+        if int(value) <= 0:
+            raise ValueError(f"{what} must be positive, got {value}")
+    extra = {"steps": int(steps), "batch_size": int(batch_size), "lr": float(lr),
+             "samples_per_word": int(samples_per_word), "seed": int(seed),
+             "teacher_sha256": sha256_file_or_none(teacher_dir() / "model.safetensors"),
+             "tokenizer_sha256": sha256_file_or_none(teacher_dir() / "tokenizer.json")}
+
+    def build(config: Any, progress: Any = None) -> tuple[Any, Any, dict]:
+        bar = bar_callback(progress, steps)
+        teacher, tokenizer = load_model("teacher", verbose=False, progress=False)
+        rng = random.Random(seed)
+        records = [chat_record(w, rng.choice(w), frame=rng.randrange(len(FRAMES)))
+                   for w in words("train") for _ in range(samples_per_word)]
+        rng.shuffle(records)
+        result = train_lm(teacher, tokenizer, Dataset.from_list(records), None,
+                          max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                          progress=False, callbacks=[bar])
+        losses = result.train_losses
+        info = {"train_seconds": round(result.train_seconds, 2), "steps": result.steps,
+                "examples": len(records), "torch_threads": torch.get_num_threads(),
+                "final_train_loss": losses[-1][1] if losses else None}
+        return teacher, tokenizer, info
+
+    return make_recipe("teacher-any-letter", teacher_config(), build, ANY_LETTER_RECIPE_VERSION,
+                       description=f"the shipped teacher fine-tuned on the any-letter skill for "
+                                   f"{steps} steps, {samples_per_word} answers per word",
+                       extra=extra)
+
+
+def any_letter_student_recipe(method: str, *, n_words: int, steps: int, seed: int,
+                              batch_size: int = DISTILL_DEFAULTS["batch_size"],
+                              lr: float = DISTILL_DEFAULTS["lr"],
+                              init: str = ANY_LETTER_START) -> Recipe:
+    """A small student taught the any-letter skill by ``method`` (lesson 03, section 4).
+
+    It starts from the shipped ``init`` student (it knows the world, not this skill) and sees
+    ``n_words`` training words drawn by ``seed``, with the same steps, batch, optimiser and
+    order for every method:
+
+    - ``"sft"``: the labelled data, one right answer per word (:func:`gold_records`);
+    - ``"seq_kd"``: the any-letter teacher's greedy answer per word (Kim & Rush 2016);
+    - ``"forward_kl"`` / ``"reverse_kl"``: the labelled chats with the teacher's whole
+      next-token distribution as the target (``alpha=1``: the one sampled label adds nothing
+      the teacher's distribution does not already say, and would pull towards one answer).
+    """
+    import random
+
+    from utils.multi_answer import (
+        gold_records,
+        letter_token_ids,
+        next_letter_probs,
+        sampled_records,
+        words,
+    )
+
+    if method not in ANY_LETTER_METHODS:
+        raise ValueError(f"method must be one of {', '.join(ANY_LETTER_METHODS)}, "
+                         f"got {method!r}")
+    pool = words("train")
+    if not 1 <= int(n_words) <= len(pool):
+        raise ValueError(f"n_words must be in [1, {len(pool)}], got {n_words}")
+    if int(steps) <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    start = students_dir() / init
+    teacher_weights = any_letter_teacher_dir() / "model.safetensors"
+    extra = {"method": method, "n_words": int(n_words), "steps": int(steps), "seed": int(seed),
+             "batch_size": int(batch_size), "lr": float(lr), "init": init,
+             "init_sha256": sha256_file_or_none(start / "model.safetensors"),
+             "teacher_sha256": None if method == "sft" else sha256_file_or_none(teacher_weights)}
+
+    def build(config: Any, progress: Any = None) -> tuple[Any, Any, dict]:
+        bar = bar_callback(progress, steps)
+        student, tokenizer = load_model(init, verbose=False, progress=False)
+        chosen = random.Random(seed).sample(pool, int(n_words))
+        data = gold_records(chosen, seed=seed)
+        common = dict(max_steps=int(steps), batch_size=batch_size, lr=lr, seed=seed,
+                      progress=False, callbacks=[bar])
+        if method == "sft":
+            result = train_lm(student, tokenizer, Dataset.from_list(data), None, **common)
+        else:
+            teacher, _ = load_any_letter_teacher()
+            if method == "seq_kd":
+                ids = letter_token_ids(tokenizer)
+                by_id = {v: k for k, v in ids.items()}
+                top = next_letter_probs(teacher, tokenizer, chosen).argmax(-1).tolist()
+                greedy = [by_id.get(t) for t in top]
+                if None in greedy:
+                    raise RuntimeError("the any-letter teacher's greedy answer is not a letter: "
+                                       "rebuild it (scripts/experiments_03_multi_answer.py)")
+                data = sampled_records(chosen, greedy, seed=seed, source="teacher-greedy")
+                result = train_lm(student, tokenizer, Dataset.from_list(data), None, **common)
+            else:
+                result = distill_lm(student, teacher, tokenizer, Dataset.from_list(data), None,
+                                    loss_type=method, alpha=1.0, **common)
+        losses = result.train_losses
+        info = {"train_seconds": round(result.train_seconds, 2), "steps": result.steps,
+                "torch_threads": torch.get_num_threads(), **extra,
+                "final_train_loss": losses[-1][1] if losses else None}
+        return student, tokenizer, info
+
+    return make_recipe(f"any-letter-{method.replace('_', '-')}-n{int(n_words)}-seed{int(seed)}",
+                       "student-xs", build, ANY_LETTER_RECIPE_VERSION,
+                       description=f"{init} taught the any-letter skill by {method} on "
+                                   f"{n_words} words for {steps} steps, seed {seed}",
+                       extra=extra)

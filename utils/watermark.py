@@ -400,3 +400,22 @@ def radioactivity_on_fresh_prompts(model: Any, tokenizer: Any, prompts: Sequence
         scores["sampled"] = radioactivity_of_generations(sampled, vocab, config)
         scores["greedy+sampled"] = radioactivity_of_generations(greedy + sampled, vocab, config)
     return FreshRadioactivity(scores, greedy, sampled)
+
+
+def fresh_skill_records(limit: int | None = None) -> list[dict]:
+    """The skill records of the validation split (the first ``limit``): prompts that neither
+    the teacher nor any course student trained on and no attacker harvested, the suspects'
+    fresh prompts of lesson 04's radioactivity tests (``scripts/experiments_04_radioactivity.py``
+    answers all of them; the lesson reruns the first few live)."""
+    from utils.data import read_split
+
+    return [r for r in read_split("validation") if r["kind"] == "skill"][:limit]
+
+
+def harvested_prompts() -> set[str]:
+    """Every user prompt of the train and test splits: what the teacher trained on and what
+    lesson 04's attackers harvest. :func:`radioactivity_on_fresh_prompts` is given them as
+    ``training_prompts`` and refuses to test on any of them."""
+    from utils.data import read_split
+
+    return {r["messages"][0]["content"] for split in ("train", "test") for r in read_split(split)}

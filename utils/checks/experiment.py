@@ -1,4 +1,4 @@
-"""Open experiments: the learner chooses, the check measures (issue 20, lessons 01-06).
+"""Open experiments: the learner chooses, the check measures (issue 20, lessons 01-07).
 
 Most exercises ask for one function and check it on known answers. An *open experiment* asks
 for a **choice** instead (a temperature and a weight, a defence, a bit width...) and grades
