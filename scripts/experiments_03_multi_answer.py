@@ -33,6 +33,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,10 +189,7 @@ def summarise(runs: list[dict], regimes: tuple = REGIMES) -> list[dict]:
                 t = paired_test([base[r["seed"]]["tv"] for r in common],
                                 [r["tv"] for r in common])
                 row["vs_sft"] = {"metric": "tv (sft - method: > 0 means closer to the truth)",
-                                 "n": t.n, "mean_diff": t.mean_diff, "std_diff": t.std_diff,
-                                 "t": t.t, "p_value": t.p_value,
-                                 "sign_p_value": t.sign_p_value, "wins": t.wins,
-                                 "losses": t.losses, "ties": t.ties}
+                                 **asdict(t)}
             out.append(row)
     return out
 
