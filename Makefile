@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYDEVD_DISABLE_FILE_VALIDATION ?= 1
 
-.PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute experiments multi-answer \
+.PHONY: help install lab test lint units check-lessons check-data notebooks lessons execute experiments frontier multi-answer \
         doctor teacher teacher-answers data results-doc clean install-mobile students regimes \
         browser browser-test
 
@@ -105,8 +105,12 @@ test: $(MOBILE_STAMP) $(BROWSER_STAMP)  ## the whole test suite: lint, units, dr
 lint: $(STAMP)  ## ruff on code and notebooks
 	$(VENV)/bin/ruff check utils tests scripts solutions lessons
 
-units: $(STAMP)  ## pytest on tests/ (without the browser test: make browser-test)
-	$(PY) -m pytest tests -q -m "not browser"
+# UNIT_WORKERS test files run at once (pytest-xdist; --dist loadfile keeps a file's tests and
+# its module fixtures on one worker; the model cache's lock makes a second worker wait for a
+# model the first is building; PASSIVE: see NB_WORKERS below). UNIT_WORKERS=0: one at a time.
+UNIT_WORKERS ?= 2
+units: $(STAMP)  ## pytest on tests/ (without the browser test: make browser-test), UNIT_WORKERS files at a time
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests -q -m "not browser" -n $(UNIT_WORKERS) --dist loadfile
 
 check-lessons: $(STAMP)  ## fail when lessons/ differs from what solutions/ generates
 	$(PY) -m utils.lessons check
@@ -160,7 +164,11 @@ students: $(STAMP)  ## shipped students (about two hours on two cores): results/
 	$(PY) -m utils.students ship student-xs forward_kl --steps 3000 --transfer skills
 	$(PY) scripts/extract_students.py
 
-multi-answer: $(STAMP)  ## lesson 03's any-letter skill: its teacher (about 4 min, once, committed to data/models/teacher-any-letter/) and the 30-run grid (about 5 min)
+frontier: $(STAMP)  ## lesson 03's frontier over student sizes at the long budget (student-xxs, student-s; sft and forward_kl, 2 seeds; about 45 min on two cores)
+	$(PY) scripts/experiments_03.py --steps 3000 --sizes student-xxs student-s \
+	  --methods sft forward_kl --seeds 0 1 --out results/03_frontier_long.json
+
+multi-answer: $(STAMP)  ## lesson 03's any-letter skill: its teacher (about 4 min, once, committed to data/models/teacher-any-letter/) and the 35-run grid (about 7 min)
 	$(PY) scripts/experiments_03_multi_answer.py
 
 regimes: $(STAMP)  ## lesson 03's regime grid, scarce vs abundant labels x 5 seeds (about 90 min on two cores)

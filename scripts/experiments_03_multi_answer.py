@@ -14,7 +14,8 @@ so lesson 03 loads it instead of spending ten minutes building it.
 Students (:func:`utils.recipes.any_letter_student_recipe`) start from the shipped
 ``student-xs-sft`` (it knows the world, not this skill; about 1/10 of the teacher) and learn the
 skill by ``sft`` (the labels), ``seq_kd`` (the teacher's greedy answers), ``forward_kl`` or
-``reverse_kl`` (the teacher's distribution) at equal steps, on ``n_words`` training words:
+``reverse_kl`` (the teacher's distribution) or ``on_policy`` (GKD: reverse KL, half of the
+batches the student's own sampled answers) at equal steps, on ``n_words`` training words:
 
 - **scarce prompts** (``SCARCE`` words): many passes over few words, where one label per word is
   memorised;
@@ -45,7 +46,7 @@ from utils.quiet import quiet_cpu_worker  # noqa: E402 - after the sys.path line
 
 SCARCE, ABUNDANT = 64, 4000
 # (regime, training words, methods): the abundant case runs the two that matter there
-REGIMES = (("scarce", SCARCE, ("sft", "seq_kd", "forward_kl", "reverse_kl")),
+REGIMES = (("scarce", SCARCE, ("sft", "seq_kd", "forward_kl", "reverse_kl", "on_policy")),
            ("abundant", ABUNDANT, ("sft", "forward_kl")))
 STEPS = 300
 METRICS = ("tv", "validity", "coverage", "entropy")
@@ -78,15 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def ship_teacher(threads: int, rebuild: bool) -> dict:
     """Build the any-letter teacher (cached) and copy it to data/models/ with its card."""
     import json
-    import shutil
-    import tempfile
 
-    from utils.io import replace_dir
-    from utils.model_cache import entry_dir, read_manifest, write_manifest
+    from utils.model_cache import entry_dir, read_manifest
     from utils.models import count_parameters, load_model
     from utils.multi_answer import distribution_scores, letter_token_ids, next_letter_probs, words
     from utils.recipes import any_letter_teacher_dir, any_letter_teacher_recipe
     from utils.results import cpu_name, provenance
+    from utils.students import publish_entry
 
     final = any_letter_teacher_dir()
     recipe = any_letter_teacher_recipe()
@@ -111,22 +110,10 @@ def ship_teacher(threads: int, rebuild: bool) -> dict:
             "provenance": {**provenance(), "cpu": cpu_name(),
                            "command": "python scripts/experiments_03_multi_answer.py "
                            + " ".join(sys.argv[1:])}}
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".teacher-any-letter-", dir=final.parent))
-    tmp.chmod(0o755)
-    try:
-        for f in source.iterdir():
-            if f.name != "manifest.json":
-                shutil.copy2(f, tmp / f.name)
-        (tmp / "model_card.json").write_text(json.dumps(card, indent=1, sort_keys=True) + "\n",
-                                             encoding="utf-8")
-        write_manifest(tmp, {k: v for k, v in built.items() if k != "files"})
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, final)
+    card_text = json.dumps(card, indent=1, sort_keys=True) + "\n"
+    # a new manifest over the weights *and* the card (load_any_letter_teacher verifies both)
+    publish_entry(source, final, {"model_card.json": card_text},
+                  manifest={k: v for k, v in built.items() if k != "files"})
     print(f"any-letter teacher: tv {scores['tv']:.3f}, validity {scores['validity']:.3f}, "
           f"built in {built['build_seconds'] / 60:.1f} min -> {display_path(final)}")
     return card
@@ -194,20 +181,21 @@ def summarise(runs: list[dict], regimes: tuple = REGIMES) -> list[dict]:
     return out
 
 
-def kl_directions(runs: list[dict], regime: str = "scarce") -> dict | None:
-    """Forward against reverse KL, seed by seed, on every metric: mass-covering vs mode-seeking
-    (forward - reverse; a mode-seeker has higher validity and lower entropy)."""
+def kl_directions(runs: list[dict], regime: str = "scarce", a: str = "forward_kl",
+                  b: str = "reverse_kl") -> dict | None:
+    """Method ``a`` against ``b``, seed by seed, on every metric (``a - b``). Forward against
+    reverse KL: mass-covering vs mode-seeking (a mode-seeker has higher validity and lower
+    entropy); on-policy against reverse KL: what the student's own samples add."""
     from utils.stats import paired_test
 
     by = {m: {r["seed"]: r for r in runs if (r["regime"], r["method"]) == (regime, m)}
-          for m in ("forward_kl", "reverse_kl")}
-    seeds = sorted(set(by["forward_kl"]) & set(by["reverse_kl"]))
+          for m in (a, b)}
+    seeds = sorted(set(by[a]) & set(by[b]))
     if len(seeds) < 2:
         return None
     out = {"regime": regime, "seeds": seeds}
     for k in METRICS:
-        t = paired_test([by["forward_kl"][s][k] for s in seeds],
-                        [by["reverse_kl"][s][k] for s in seeds])
+        t = paired_test([by[a][s][k] for s in seeds], [by[b][s][k] for s in seeds])
         out[k] = {"mean_diff": t.mean_diff, "p_value": t.p_value, "sign_p_value": t.sign_p_value,
                   "wins": t.wins, "losses": t.losses, "n": t.n}
     return out
@@ -275,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "regimes": summary,
         "forward_vs_reverse": kl_directions(runs),
+        "on_policy_vs_reverse": kl_directions(runs, a="on_policy", b="reverse_kl"),
     }
     out = atomic_write_json(Path(args.out), payload)
     print(f"{len(runs)} runs in {wall / 60:.1f} min -> {out}")
@@ -287,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['regime']:8s} {row['method']:10s} tv {row['tv_mean']:.3f} +- "
               f"{row['tv_std']:.3f}  valid {row['validity_mean']:.3f}  cover "
               f"{row['coverage_mean']:.3f}  {row['train_seconds']:.0f} s/run{vs}")
-    kl = payload["forward_vs_reverse"]
-    if kl:
-        print("forward - reverse KL (scarce), paired: " + ", ".join(
-            f"{k} {kl[k]['mean_diff']:+.3f} (p = {kl[k]['p_value']:.2g})" for k in METRICS))
+    for key, what in (("forward_vs_reverse", "forward - reverse KL"),
+                      ("on_policy_vs_reverse", "on-policy - reverse KL")):
+        kl = payload[key]
+        if kl:
+            print(f"{what} (scarce), paired: " + ", ".join(
+                f"{k} {kl[k]['mean_diff']:+.3f} (p = {kl[k]['p_value']:.2g})" for k in METRICS))
     return 0
 
 

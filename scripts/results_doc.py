@@ -94,6 +94,19 @@ def _l01_errors(r: dict) -> str:
             " at 0.05)")
 
 
+def _l01_scarce(r: dict) -> str:
+    d = get(r["01_distillation_theory"], "scarce_transfer_paired_test")
+    p, e = d["distilled_vs_alone"], d["per_seed_test_errors"]
+    mean = {k: sum(v) / len(v) for k, v in e.items()}
+    return (f"{d['per_class']} images per digit, T = {d['temperature']:g}, alpha = "
+            f"{d['alpha']:g} (chosen on seeds {d['settings_chosen_on_seeds']}), "
+            f"{len(d['seeds'])} new seeds declared in advance: test errors alone "
+            f"{mean['alone']:.1f}, distilled {mean['distilled']:.1f}; {p['mean_diff']:+.1f} ± "
+            f"{p['std_diff']:.1f} errors saved, paired t p = {pval(p['p_value'])}, sign p = "
+            f"{pval(p['sign_p_value'])}, {p['wins']}/{p['n']} seeds ahead "
+            f"({'significant' if p['significant'] else 'not significant'} at 0.05)")
+
+
 def _l01_omitted(r: dict) -> str:
     d = r["01_distillation_theory"]
     return (f"digit {get(d, 'omitted_digit')} left out of the transfer set: "
@@ -167,7 +180,8 @@ def _l03_multi(r: dict) -> str:
             f"{get(d, 'teacher_entropy_nats.overall'):.2f} nats per answer token, TV to the truth "
             f"{get(d, 'teacher.tv'):.3f}); TV to the true answer distribution, lower is better: "
             f"64 words: {tv('scarce', 'sft')}, {tv('scarce', 'forward_kl')}, "
-            f"{tv('scarce', 'reverse_kl')}; 4,000 words: {tv('abundant', 'sft')}, "
+            f"{tv('scarce', 'reverse_kl')}, "
+            f"{tv('scarce', 'on_policy')}; 4,000 words: {tv('abundant', 'sft')}, "
             f"{tv('abundant', 'forward_kl')}; reverse vs forward KL: validity "
             f"{-kl['validity']['mean_diff']:+.3f} (p = {pval(kl['validity']['p_value'])}), "
             f"coverage {-kl['coverage']['mean_diff']:+.3f} "
@@ -179,6 +193,26 @@ def _l03_kept(r: dict) -> str:
     return (f"{k['name']}: {pct(k['kept'])} of the teacher's exact match by generation "
             f"({k['exact_match']:.3f} vs {k['teacher_exact_match']:.3f}, n = {k['n']}), "
             f"{k['times_smaller']:.1f}x fewer parameters")
+
+
+def _l03_frontier(r: dict) -> str:
+    f = get(r["03_white_box_distillation"], "frontier_long")
+    points = sorted(get(f, "points"), key=lambda p: (p["params"], p["method"]))
+    sizes = sorted({p["size"] for p in points}, key=lambda s: next(
+        p["params"] for p in points if p["size"] == s))
+    if len(sizes) < 2:
+        raise Missing("03_white_box_distillation frontier_long (make frontier)")
+
+    def one(size: str) -> str:
+        by = {p["method"]: p for p in points if p["size"] == size}
+        sft, kd = by["sft"], by["forward_kl"]
+        return (f"{size} (1/{1 / sft['fraction_of_teacher']:.0f} of the teacher, "
+                f"{len(sft['seeds'])} seeds): forward KL {pct(kd['kept_mean'])} ± "
+                f"{pct(kd['kept_std'])}, SFT {pct(sft['kept_mean'])} ± {pct(sft['kept_std'])}")
+
+    return (f"share of the teacher's exact match kept at {points[0]['steps']:,} steps "
+            f"(teacher-forced, {get(r['03_white_box_distillation'], 'eval_subset.n')} test "
+            "prompts): " + "; ".join(one(s) for s in sizes))
 
 
 def _l04_extracted(r: dict) -> str:
@@ -343,6 +377,10 @@ LESSONS: dict[str, tuple[str, list[str], list[Finding]]] = {
         Finding("a small net distilled from a big one makes fewer errors than trained alone",
                 _l01_errors, "Hinton, Vinyals & Dean (2015), MNIST, 10,000 test images: teacher "
                 "67 errors, small net alone 146, distilled 74"),
+        Finding("with a tiny transfer set the distilled net wins by far more than seed noise",
+                _l01_scarce, "Hinton et al. (2015, section 6, speech): trained on 3% of the "
+                "data, hard targets overfit (44.5% test frame accuracy), soft targets reach "
+                "57.0% (58.9% with all the data)"),
         Finding("a class never seen in the transfer set is learnt from the soft targets",
                 _l01_omitted, "Hinton et al. (2015): digit 3 omitted, 206 errors (133 on the "
                 "1,010 threes), 109 (14 on threes) after raising the bias of class 3"),
@@ -369,6 +407,10 @@ LESSONS: dict[str, tuple[str, list[str], list[Finding]]] = {
         Finding("reverse KL and on-policy GKD run from an SFT'd student", _l03_warm,
                 "Agarwal et al. (2024, GKD) and Gu et al. (2024, MiniLLM) start from a "
                 "fine-tuned student", "`make regimes`"),
+        Finding("the frontier over student sizes at the long budget", _l03_frontier,
+                "Mirzadeh et al. (2020): the gap between teacher and student capacity limits "
+                "what distillation transfers; Cho & Hariharan (2019): a much smaller student "
+                "can gain less from a stronger teacher", "`make students`, `make frontier`"),
         Finding("a student at most 1/8 of the teacher keeps its skills", _l03_kept,
                 "DistilBERT keeps 97% of BERT at 60% of its size (Sanh et al. 2019); "
                 "TinyBERT 96.8% at 1/7.5 (Jiao et al. 2020)", "`make students`"),

@@ -425,3 +425,17 @@ def test_settings_check_not_done_and_errors():
     assert check_distillation_settings(42).status == "error"
     with pytest.raises(ValueError, match="temperature > 0"):
         small_transfer_experiment(0.0, 0.5)
+
+
+def test_small_transfer_experiment_runs_the_seeds_it_is_given():
+    # lesson 01's pre-declared paired test (section 9) reruns the experiment on new seeds:
+    # each seed's pair is its own, in the order given, and the same on a second call
+    settings = dict(REFERENCE_SETTINGS, seeds=(4, 3))
+    both = small_transfer_experiment(**settings)
+    assert len(both["alone"]) == len(both["distilled"]) == 2
+    one = small_transfer_experiment(**dict(settings, seeds=(3,)))
+    assert (one["alone"], one["distilled"]) == ([both["alone"][1]], [both["distilled"][1]])
+    assert both["saved"] == sum(both["alone"]) - sum(both["distilled"])
+    assert not set(settings["seeds"]) & set(SMALL_TRANSFER_SEEDS)  # not the check's seeds
+    _small_transfer_case.cache_clear()  # retrain the teachers: still the same numbers
+    assert small_transfer_experiment(**settings) == both

@@ -174,3 +174,33 @@ def test_the_lesson_reproduces_the_shipped_students_scores():
         seed0 = next(r for r in grid["runs"] if r["method"] == method and r["seed"] == 0)
         assert s["card_score"] == pytest.approx(seed0["score"]), name
     assert sum(r["source"] == "grid-long" for r in lesson["runs"]) == 2
+
+
+FRONTIER = ROOT / "results" / "03_frontier_long.json"  # committed by `make frontier`
+
+
+def test_committed_frontier_adds_the_other_sizes_at_the_long_budget():
+    grid, long_grid = _load(FRONTIER), _load(LONG_GRID)
+    assert grid["provenance"]["quick"] is False
+    _check_grid_schema(grid, min_seeds=2)
+    assert {(r["size"], r["method"]) for r in grid["summary"]} == {
+        (size, method) for size in ("student-xxs", "student-s") for method in ("sft", "forward_kl")}
+    # the same budget, recipe, teacher and evaluation subset as the long grid of student-xs
+    assert grid["settings"] == {**long_grid["settings"], "seeds": grid["settings"]["seeds"]}
+    assert grid["teacher"] == long_grid["teacher"]
+    assert grid["eval_subset"] == long_grid["eval_subset"]
+    params = {r["size"]: r["student_params"] for r in grid["summary"] + long_grid["summary"]}
+    assert params["student-xxs"] < params["student-xs"] < params["student-s"]
+
+
+def test_the_lessons_frontier_is_the_committed_grids():
+    lesson = _load(LESSON)
+    points = lesson["frontier_long"]["points"]
+    rows = {(r["size"], r["method"]): r for g in (_load(FRONTIER), _load(LONG_GRID))
+            for r in g["summary"]}
+    assert {(p["size"], p["method"]) for p in points} == set(rows)
+    for p in points:
+        r = rows[(p["size"], p["method"])]
+        assert p["kept_mean"] == pytest.approx(r["score_mean"] / lesson["teacher_score"])
+    gaps = lesson["frontier_long"]["kd_minus_sft_kept"]
+    assert set(gaps) == {"student-xxs", "student-xs", "student-s"}

@@ -123,6 +123,24 @@ def test_world_tokenizer_writes_every_letter_as_one_token() -> None:
         assert tok.convert_ids_to_tokens(i).lstrip("Ġ") == c
 
 
+def test_the_scored_prompt_is_the_training_chat_up_to_the_letter() -> None:
+    """Scoring reads the position training teaches: a chat in the scored phrasing, tokenised as
+    training tokenises it (utils.train), is the scored prompt followed by the letter's token."""
+    from utils.models import teacher_dir
+    from utils.multi_answer import _prompt_ids
+    from utils.tokenizer import load_tokenizer
+    from utils.train import tokenize_chat
+
+    tok = load_tokenizer(teacher_dir())
+    ids = letter_token_ids(tok)
+    ws = words("train") + words("test")
+    records = [chat_record(w, w[-1], frame=0) for w in ws]
+    enc = tokenize_chat({"messages": [r["messages"] for r in records]}, tok)
+    for w, seq in zip(ws, enc["input_ids"], strict=True):
+        prompt = _prompt_ids(tok, w)
+        assert seq[:len(prompt)] == prompt and seq[len(prompt)] == ids[w[-1]], w
+
+
 def test_batched_scorer_matches_one_prompt_at_a_time() -> None:
     from utils.models import load_model
     from utils.multi_answer import _prompt_ids
@@ -141,13 +159,15 @@ def test_student_recipe_arguments() -> None:
     from utils.recipes import any_letter_student_recipe
 
     with pytest.raises(ValueError, match="method must be one of"):
-        any_letter_student_recipe("on_policy", n_words=8, steps=3, seed=0)
+        any_letter_student_recipe("gkd", n_words=8, steps=3, seed=0)
     with pytest.raises(ValueError, match="n_words must be in"):
         any_letter_student_recipe("sft", n_words=0, steps=3, seed=0)
     a = any_letter_student_recipe("sft", n_words=8, steps=3, seed=0)
     b = any_letter_student_recipe("forward_kl", n_words=8, steps=3, seed=0)
     assert a.key() != b.key() and a.extra["teacher_sha256"] is None
     assert any_letter_student_recipe("sft", n_words=8, steps=3, seed=1).key() != a.key()
+    g = any_letter_student_recipe("on_policy", n_words=8, steps=3, seed=0)
+    assert g.extra["lmbda"] > 0 and "lmbda" not in b.extra  # GKD's share is in its key only
 
 
 # --- the committed grid --------------------------------------------------------------------------
@@ -186,6 +206,20 @@ def test_grid_paired_tests_recomputed_from_its_runs(grid: dict) -> None:
         t = paired_test([sft[s] for s in seeds], [mine[s] for s in seeds])
         assert math.isclose(row["vs_sft"]["p_value"], t.p_value, rel_tol=1e-9)
         assert math.isclose(row["vs_sft"]["mean_diff"], t.mean_diff, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("key,a,b", [("forward_vs_reverse", "forward_kl", "reverse_kl"),
+                                     ("on_policy_vs_reverse", "on_policy", "reverse_kl")])
+def test_grid_method_comparisons_recomputed_from_its_runs(grid: dict, key: str, a: str,
+                                                          b: str) -> None:
+    runs = {m: {r["seed"]: r for r in grid["runs"] if (r["regime"], r["method"]) == ("scarce", m)}
+            for m in (a, b)}
+    seeds = grid[key]["seeds"]
+    assert seeds == sorted(set(runs[a]) & set(runs[b])) and len(seeds) >= 5
+    for k in ("tv", "validity", "coverage", "entropy"):
+        t = paired_test([runs[a][s][k] for s in seeds], [runs[b][s][k] for s in seeds])
+        assert math.isclose(grid[key][k]["p_value"], t.p_value, rel_tol=1e-9), k
+        assert math.isclose(grid[key][k]["mean_diff"], t.mean_diff, rel_tol=1e-9), k
 
 
 def test_the_shipped_teacher_verifies_and_reproduces_its_card() -> None:

@@ -113,3 +113,37 @@ def test_local_folder_names_the_folder_a_model_loads_from(tmp_path):
     assert local_folder("teacher") == teacher_dir()
     assert local_folder("student-xs-sft") == students_dir() / "student-xs-sft"
     assert local_folder(tmp_path) == tmp_path
+
+
+def test_publish_entry_copies_atomically_and_hashes_what_it_is_told(tmp_path, monkeypatch):
+    from utils.model_cache import read_manifest, write_manifest
+    from utils.students import publish_entry
+
+    src = tmp_path / "entry"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"weights")
+    write_manifest(src, {"name": "x"})
+    dest = tmp_path / "shipped" / "x"
+    # the entry's own manifest: it covers the weights, the card beside it is not hashed
+    publish_entry(src, dest, {"model_card.json": "{}\n"})
+    assert set(read_manifest(dest)["files"]) == {"model.safetensors"}
+    assert verify_folder(dest) is None and (dest / "model_card.json").read_text() == "{}\n"
+    assert all(oct(f.stat().st_mode)[-3:] == "644" for f in dest.iterdir())
+    # a new manifest: the card is hashed too, so editing it is caught
+    publish_entry(src, dest, {"model_card.json": "{}\n"}, manifest={"name": "y"})
+    assert read_manifest(dest)["name"] == "y"
+    assert set(read_manifest(dest)["files"]) == {"model.safetensors", "model_card.json"}
+    (dest / "model_card.json").write_text("{\"edited\": 1}\n")
+    assert verify_folder(dest) is not None
+    # a failure half-way leaves the previous folder whole and no temporary folder behind
+    before = sorted(p.name for p in dest.iterdir())
+    import utils.model_cache
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(utils.model_cache, "write_manifest", boom)
+    with pytest.raises(OSError, match="disk full"):
+        publish_entry(src, dest, {"model_card.json": "{}\n"}, manifest={"name": "z"})
+    assert sorted(p.name for p in dest.iterdir()) == before
+    assert [p.name for p in dest.parent.iterdir()] == ["x"]

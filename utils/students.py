@@ -102,7 +102,6 @@ def ship_recipe(recipe: Any, name: str, *, provenance: dict[str, Any], grid: dic
 
     from utils.data import load_world
     from utils.evaluate import evaluate_world
-    from utils.io import replace_dir
     from utils.model_cache import entry_dir, read_manifest, verify_folder
     from utils.models import count_parameters, load_model, students_dir, teacher_card
 
@@ -148,23 +147,43 @@ def ship_recipe(recipe: Any, name: str, *, provenance: dict[str, Any], grid: dic
         card["description"] += (f"; every answer watermarked by the API (Kirchenbauer et al. "
                                 f"2023, bias {watermark:g})")
     folder = Path(root) if root is not None else students_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
+    return publish_entry(source, folder / name, {
+        "model_card.json": json.dumps(card, indent=1, sort_keys=True) + "\n",
+        "model_card.md": card_markdown(card),
+        "test_responses.jsonl": "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)})
+
+
+def publish_entry(source: str | os.PathLike, dest: str | os.PathLike, texts: dict[str, str], *,
+                  manifest: dict[str, Any] | None = None) -> Path:
+    """Copy the model cache entry ``source`` and the text files ``texts`` (name -> content) to
+    ``dest``, readable by everyone, atomically: a temporary folder beside it, then one rename
+    (an interrupted copy leaves the old ``dest`` whole).
+
+    ``manifest=None`` keeps the entry's own ``manifest.json`` (it covers the weights; the cards
+    beside it are not hashed); otherwise a new manifest with these metadata hashes every file,
+    the texts included (:func:`utils.model_cache.write_manifest`).
+    """
+    from utils.io import replace_dir
+    from utils.model_cache import write_manifest
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a shipped model is readable by everyone
     try:
-        for f in source.iterdir():
-            shutil.copy2(f, tmp / f.name)
-        (tmp / "model_card.json").write_text(json.dumps(card, indent=1, sort_keys=True) + "\n",
-                                             encoding="utf-8")
-        (tmp / "model_card.md").write_text(card_markdown(card), encoding="utf-8")
-        (tmp / "test_responses.jsonl").write_text(
-            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+        for f in Path(source).iterdir():
+            if manifest is None or f.name != "manifest.json":
+                shutil.copy2(f, tmp / f.name)
+        for fname, text in texts.items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+        if manifest is not None:
+            write_manifest(tmp, manifest)
         for f in tmp.iterdir():
             f.chmod(0o644)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return replace_dir(tmp, folder / name)
+    return replace_dir(tmp, dest)
 
 
 def main(argv: list[str] | None = None) -> int:
