@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
 from utils.paths import display_path  # noqa: E402 - after the sys.path line above
+from utils.progress import paired_grid_parser, parse_paired_grid_args  # noqa: E402
 from utils.quiet import quiet_cpu_worker  # noqa: E402 - after the sys.path line above
 
 SCARCE, ABUNDANT = 64, 4000
@@ -53,27 +54,15 @@ METRICS = ("tv", "validity", "coverage", "entropy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/experiments_03_multi_answer.py",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "results" / "03_multi_answer.json"),
-                   help="JSON to write")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0-4)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process each)")
+    p = paired_grid_parser("scripts/experiments_03_multi_answer.py", __doc__.splitlines()[0],
+                           str(ROOT / "results" / "03_multi_answer.json"))
     p.add_argument("--teacher-only", action="store_true",
                    help="build the any-letter teacher and commit it to data/models/, then stop")
     p.add_argument("--rebuild-teacher", action="store_true",
                    help="replace the committed teacher (then every student is rebuilt)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 3 steps, seeds 0 1, 20 test words (the numbers mean nothing)")
-    args = p.parse_args(argv)
-    if args.seeds is None:
-        args.seeds = [0, 1] if args.quick else [0, 1, 2, 3, 4]
-    if len(set(args.seeds)) < 2:
-        p.error("give at least two different seeds: the paired test compares seed by seed")
-    if args.jobs <= 0 or args.threads <= 0:
-        p.error("--jobs and --threads must be positive")
-    return args
+    return parse_paired_grid_args(p, argv)
 
 
 def ship_teacher(threads: int, rebuild: bool) -> dict:

@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script, from any folder
     sys.path.insert(0, str(ROOT))
 
 from utils.paths import display_path  # noqa: E402 - after the sys.path line above
+from utils.progress import paired_grid_parser, parse_paired_grid_args  # noqa: E402
 from utils.quiet import quiet_cpu_worker  # noqa: E402 - after the sys.path line above
 
 SIZE = "student-xs"
@@ -64,22 +65,11 @@ SCORE = ("teacher-forced greedy exact match on every skill prompt of the test sp
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/experiments_03_regimes.py",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "results" / "03_regimes.json"), help="JSON to write")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0-4)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process each)")
+    p = paired_grid_parser("scripts/experiments_03_regimes.py", __doc__.splitlines()[0],
+                           str(ROOT / "results" / "03_regimes.json"))
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 3 steps, seeds 0 1, 40 prompts (the numbers mean nothing)")
-    args = p.parse_args(argv)
-    if args.seeds is None:
-        args.seeds = [0, 1] if args.quick else [0, 1, 2, 3, 4]
-    if len(set(args.seeds)) < 2:
-        p.error("give at least two different seeds: the paired test compares seed by seed")
-    if args.jobs <= 0 or args.threads <= 0:
-        p.error("--jobs and --threads must be positive")
-    return args
+    return parse_paired_grid_args(p, argv)
 
 
 def budgets(quick: bool) -> dict[str, int]:

@@ -40,3 +40,20 @@ def test_run_jobs_keeps_the_order_in_one_process_and_in_several() -> None:
     assert run_jobs(operator.add, [(1,), (2,)], extra=(10,)) == [11, 12]
     with pytest.raises(ValueError, match="workers must be at least 1"):
         run_jobs(pow, jobs, workers=0)
+
+
+def test_paired_grid_arguments_default_and_refuse():
+    import pytest
+
+    from utils.progress import paired_grid_parser, parse_paired_grid_args
+
+    def parse(argv):
+        p = paired_grid_parser("grid.py", "a grid", "/tmp/out.json")
+        p.add_argument("--quick", action="store_true")
+        return parse_paired_grid_args(p, argv)
+
+    assert parse([]).seeds == [0, 1, 2, 3, 4] and parse(["--quick"]).seeds == [0, 1]
+    assert parse(["--seeds", "3", "5"]).seeds == [3, 5] and parse([]).out == "/tmp/out.json"
+    for bad in (["--seeds", "1"], ["--seeds", "2", "2"], ["--jobs", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            parse(bad)

@@ -11,6 +11,7 @@ ten-minute cell under 1000 messages and looks the same to a learner.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -60,3 +61,29 @@ def run_jobs(fn: Callable[..., T], jobs: Sequence[tuple], *, workers: int = 1, d
     finally:
         bar.close()
     return out
+
+
+def paired_grid_parser(prog: str, description: str, out: str) -> argparse.ArgumentParser:
+    """The options every seed-paired grid script shares: ``--out``, ``--seeds``, ``--threads``
+    and ``--jobs``. The script adds its own (``--quick`` among them) and then calls
+    :func:`parse_paired_grid_args`."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--out", default=out, help="JSON to write")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0-4)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one process each)")
+    return p
+
+
+def parse_paired_grid_args(p: argparse.ArgumentParser,
+                           argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, fill the default seeds (0-4; ``--quick``: 0 1) and refuse what the paired tests
+    cannot use: fewer than two different seeds, no threads or jobs."""
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0, 1] if args.quick else [0, 1, 2, 3, 4]
+    if len(set(args.seeds)) < 2:
+        p.error("give at least two different seeds: the paired test compares seed by seed")
+    if args.jobs <= 0 or args.threads <= 0:
+        p.error("--jobs and --threads must be positive")
+    return args
